@@ -1,0 +1,136 @@
+"""One evaluation path for every method: single, batch and sequential protocols, with timing.
+
+- single: edit one record, score it, revert (the ROME/MEND protocol);
+- batch: one patch for B records, score them, revert;
+- sequential: apply the patches one after another and score every record after the last one (retention).
+
+``seconds_fwd_bwd`` is one forward+backward of the edit loss (gradients for the MLP matrices of the last
+3 blocks, MEND's setting) measured in the same run, so ``edit_cost_ratio = seconds_per_edit / seconds_fwd_bwd``
+compares methods across machines.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import architecture
+from .editor import Editor
+from .lm import generate, is_seq2seq, mean_nll, target_batch
+from .metrics import n_gram_entropy, record_metrics, score_request, summarize
+from .patch import revert_all
+from .requests import EditRequest
+
+SUMMARY_KEYS = ("ES", "PS", "NS", "S", "EM", "PM", "NM")
+
+
+def time_forward_backward(model: nn.Module, tokenizer, requests: list[EditRequest], repeats: int = 5) -> float:
+    """Median seconds of one forward+backward of the edit loss on single edit inputs."""
+    names = [f"{m}.weight" for m in architecture(model).last_mlp_linears(3)]
+    params = dict(model.named_parameters())
+    leaves = {n: params[n].detach().requires_grad_(True) for n in names}
+    times = []
+    for r in (requests * repeats)[: max(repeats, 1) + 1]:
+        batch = target_batch(tokenizer, [r.text], [r.target_new], is_seq2seq(model))
+        start = time.perf_counter()
+        loss = mean_nll(model, batch, params=leaves).mean()
+        torch.autograd.grad(loss, list(leaves.values()))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])  # the first call warms up
+
+
+def _fluency(model: nn.Module, tokenizer, r: EditRequest, max_new_tokens: int) -> float:
+    prompts = r.generation_prompts or [r.text]
+    return n_gram_entropy(generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens))
+
+
+def _record_result(model, tokenizer, r: EditRequest, pre: dict, fluency_tokens: int) -> dict:
+    post = record_metrics(score_request(model, tokenizer, r))
+    result = {"case_id": r.case_id, "pre": pre, "post": post}
+    if pre.get("neighborhood_acc") is not None:
+        result["drawdown_acc"] = pre["neighborhood_acc"] - post["neighborhood_acc"]
+        # MEND's perplexity drawdown: relative increase of the locality perplexity.
+        result["drawdown_ppl"] = math.exp(post["neighborhood_nll"] - pre["neighborhood_nll"]) - 1.0
+    if fluency_tokens:
+        result["fluency"] = _fluency(model, tokenizer, r, fluency_tokens)
+    return result
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    editor: Editor | None,
+    requests: list[EditRequest],
+    mode: str = "single",
+    batch_size: int = 1,
+    fluency_tokens: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Edit and score ``requests``; ``editor=None`` scores the unedited model. Returns summary and records."""
+    if mode not in ("single", "batch", "sequential"):
+        raise ValueError(f"unknown mode {mode!r}: use single, batch or sequential")
+    if mode == "single":
+        batch_size = 1
+    if batch_size < 1:
+        raise ValueError("batch size must be at least 1")
+    chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+    pre = {id(r): record_metrics(score_request(model, tokenizer, r)) for r in tqdm(requests, desc="scoring before", disable=not progress)}
+    edit_seconds: list[float] = []
+    results: list[dict] = []
+    bar = tqdm(chunks, desc=f"{editor.name if editor else 'none'} ({mode})", disable=not progress)
+    try:
+        for chunk in bar:
+            if editor is not None:
+                start = time.perf_counter()
+                patch = editor.edit(chunk)
+                edit_seconds.append(time.perf_counter() - start)
+                patch.apply(model)
+            if mode != "sequential":
+                results += [_record_result(model, tokenizer, r, pre[id(r)], fluency_tokens) for r in chunk]
+                if editor is not None:
+                    patch.revert(model)
+                bar.set_postfix(_running(results))
+        if mode == "sequential":
+            results = [
+                _record_result(model, tokenizer, r, pre[id(r)], fluency_tokens)
+                for r in tqdm(requests, desc="scoring after the last edit", disable=not progress)
+            ]
+    finally:
+        revert_all(model)
+    summary = summarize([r["post"] for r in results])
+    summary = {k: summary.get(k) for k in SUMMARY_KEYS} | {
+        k: v for k, v in summary.items() if k not in SUMMARY_KEYS
+    }
+    summary["NS_before"] = summarize([r["pre"] for r in results]).get("NS")
+    for key in ("drawdown_acc", "drawdown_ppl", "fluency"):
+        values = [r[key] for r in results if key in r]
+        if values:
+            summary[key] = statistics.fmean(values)
+    summary["n"] = len(results)
+    if editor is not None:
+        seconds_fwd_bwd = time_forward_backward(model, tokenizer, requests[:5])
+        per_edit = sum(edit_seconds) / len(requests)
+        summary |= {
+            "seconds_per_edit": per_edit,
+            "seconds_per_patch": statistics.fmean(edit_seconds),
+            "seconds_fwd_bwd": seconds_fwd_bwd,
+            "edit_cost_ratio": per_edit / seconds_fwd_bwd,
+        }
+    return {
+        "method": editor.name if editor else "none",
+        "mode": mode,
+        "batch_size": batch_size,
+        "hparams": editor.config.__dict__ if editor else {},
+        "summary": summary,
+        "records": results,
+    }
+
+
+def _running(results: list[dict]) -> dict[str, str]:
+    s = summarize([r["post"] for r in results])
+    return {k: f"{s[k]:.0f}" for k in ("ES", "PS", "NS") if s.get(k) is not None}

@@ -1,0 +1,3 @@
+"""Editing methods: one file per family; importing this package registers them all."""
+
+from . import ft  # noqa: F401

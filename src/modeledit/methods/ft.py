@@ -1,0 +1,121 @@
+"""Fine-tuning baselines: FT (chosen layers, no constraint), FT-L (ROME's FT+L: one MLP matrix, L-inf bound on
+the change) and FT-KL (the MEND paper's FT+KL: a KL penalty keeping unrelated outputs close to the original).
+
+All three minimise the mean NLL of ``target_new`` after the prompt over the trainable deltas with Adam.
+The model is never modified: its forward pass runs with ``W + delta`` substituted (``functional_call``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..editor import Editor, register
+from ..lm import aligned_logits, kl_on_positions, mean_nll, target_batch, text_batch
+from ..locality import default_locality_texts
+from ..patch import Delta
+from ..requests import EditRequest
+
+
+@dataclass
+class FTConfig:
+    """Unconstrained fine-tuning of the MLP matrices of the last ``num_blocks`` blocks (MEND's layers)."""
+
+    modules: list[str] | None = None  # explicit module names; overrides layers/num_blocks
+    layers: list[int] | None = None  # blocks whose MLP matrices are trained (None: the last num_blocks)
+    num_blocks: int = 3
+    only_mlp_out: bool = False  # train only each block's MLP output projection
+    lr: float = 1e-4
+    steps: int = 25
+    stop_nll: float = 0.05  # stop once every edit's target NLL is below this
+    norm_constraint: float | None = None  # L-inf bound on each weight's change (None: unconstrained)
+    kl_weight: float = 0.0  # weight of KL(original || edited) on locality texts
+    locality_texts: list[str] | None = None  # None: a built-in set of unrelated sentences
+    seed: int = 0
+
+
+@dataclass
+class FTLConfig(FTConfig):
+    """ROME's FT+L: one MLP output projection, L-inf constraint. Layer chosen for the default model (see README)."""
+
+    layers: list[int] | None = field(default=None)  # None: the block at 30% of the depth
+    only_mlp_out: bool = True
+    lr: float = 5e-4
+    norm_constraint: float | None = 5e-4
+
+
+@dataclass
+class FTKLConfig(FTConfig):
+    """The MEND paper's FT+KL: FT plus c_loc * KL on unrelated text."""
+
+    kl_weight: float = 1.0
+
+
+@register
+class FineTune(Editor):
+    name = "ft"
+    Config = FTConfig
+
+    def default_layers(self) -> list[int]:
+        n = self.arch.num_layers
+        return list(range(n - self.config.num_blocks, n))
+
+    def edited_modules(self) -> list[str]:
+        c = self.config
+        if c.modules:
+            return list(c.modules)
+        if self.arch.is_seq2seq and c.layers is None:
+            return self.arch.last_mlp_linears(c.num_blocks)
+        layers = c.layers if c.layers is not None else self.default_layers()
+        if c.only_mlp_out:
+            return [self.arch.mlp_out(layer) for layer in layers]
+        return [name for layer in layers for name in self.arch.mlp_linears(layer)]
+
+    def compute_deltas(self, requests: list[EditRequest]) -> dict[str, Delta]:
+        c = self.config
+        torch.manual_seed(c.seed)
+        names = [f"{m}.weight" for m in self.edited_modules()]
+        params = dict(self.model.named_parameters())
+        base = {n: params[n].detach() for n in names}
+        deltas = {n: torch.zeros_like(w, requires_grad=True) for n, w in base.items()}
+        opt = torch.optim.Adam(deltas.values(), lr=c.lr)
+        seq2seq = self.arch.is_seq2seq
+        batch = target_batch(self.tokenizer, [r.text for r in requests], [r.target_new for r in requests], seq2seq)
+        if c.kl_weight > 0:
+            loc = text_batch(self.tokenizer, c.locality_texts or default_locality_texts())
+            with torch.no_grad():
+                loc_before, loc_labels = aligned_logits(self.model, loc)
+        for _ in range(c.steps):
+            edited = {n: base[n] + deltas[n] for n in names}
+            nll = mean_nll(self.model, batch, params=edited)
+            if nll.max().item() < c.stop_nll:
+                break
+            loss = nll.mean()
+            if c.kl_weight > 0:
+                loc_after, _ = aligned_logits(self.model, loc, params=edited)
+                loss = loss + c.kl_weight * kl_on_positions(loc_before, loc_after, loc_labels != -100)
+            grads = torch.autograd.grad(loss, list(deltas.values()))
+            for d, g in zip(deltas.values(), grads):
+                d.grad = g
+            opt.step()
+            if c.norm_constraint is not None:
+                with torch.no_grad():
+                    for d in deltas.values():
+                        d.clamp_(-c.norm_constraint, c.norm_constraint)
+        return {n: d.detach().clone() for n, d in deltas.items()}
+
+
+@register
+class FineTuneL(FineTune):
+    name = "ft-l"
+    Config = FTLConfig
+
+    def default_layers(self) -> list[int]:
+        return [round(0.3 * (self.arch.num_layers - 1))]
+
+
+@register
+class FineTuneKL(FineTune):
+    name = "ft-kl"
+    Config = FTKLConfig

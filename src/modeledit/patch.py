@@ -1,0 +1,232 @@
+"""A Patch: what an edit changes, as parameter deltas (dense or low-rank), reversible bit for bit.
+
+Applying a patch keeps, once per touched parameter, a copy of its base value on the model. Reverting any
+applied patch (not only the last) restores the base values and re-adds the remaining patches in their
+order, so the weights always equal ``base + patches`` computed the same way: no floating-point drift from
+subtract-and-add, and the result equals a fresh replay bit for bit.
+
+File format: one safetensors file; tensors ``dense/<param>`` or ``a/<param>`` and ``b/<param>`` (delta = a @ b,
+in the parameter's storage layout); JSON metadata (method, hyperparameters, requests, model fingerprint)
+in the safetensors header under the key ``modeledit``. Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .arch import is_transposed
+from .models import fingerprint
+
+FORMAT_VERSION = 1
+
+
+class PatchError(ValueError):
+    """A patch cannot be applied, reverted, saved or loaded; the message says why."""
+
+
+@dataclass
+class LowRank:
+    """delta = a @ b, with a (rows, r) and b (r, cols) in the parameter's storage layout."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return self.a @ self.b
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.a.shape[0], self.b.shape[1])
+
+
+Delta = torch.Tensor | LowRank
+
+
+def linear_delta(model: nn.Module, module_name: str, left: torch.Tensor, right: torch.Tensor) -> tuple[str, LowRank]:
+    """A low-rank delta ``left @ right`` given in (out, in) orientation for a linear layer's weight.
+
+    Handles GPT-2's Conv1D, whose weight is stored as (in, out): the factors are transposed and swapped.
+    """
+    module = model.get_submodule(module_name)
+    if is_transposed(module):
+        return f"{module_name}.weight", LowRank(right.T.contiguous(), left.T.contiguous())
+    return f"{module_name}.weight", LowRank(left.contiguous(), right.contiguous())
+
+
+def linear_dense_delta(model: nn.Module, module_name: str, delta_out_in: torch.Tensor) -> tuple[str, torch.Tensor]:
+    module = model.get_submodule(module_name)
+    return f"{module_name}.weight", (delta_out_in.T if is_transposed(module) else delta_out_in).contiguous()
+
+
+@dataclass
+class _AppliedState:
+    base: dict[str, torch.Tensor] = field(default_factory=dict)
+    applied: list[Patch] = field(default_factory=list)
+
+
+def _state(model: nn.Module) -> _AppliedState:
+    state = model.__dict__.get("_modeledit_patches")
+    if state is None:
+        state = model.__dict__["_modeledit_patches"] = _AppliedState()
+    return state
+
+
+def applied_patches(model: nn.Module) -> list[Patch]:
+    """The patches applied to the model, oldest first."""
+    return list(_state(model).applied)
+
+
+@dataclass
+class Patch:
+    deltas: dict[str, Delta]
+    fingerprint: str
+    method: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+    requests: list[dict] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    # -- inspection ------------------------------------------------------------------------------------
+    def dense(self, name: str) -> torch.Tensor:
+        d = self.deltas[name]
+        return d.dense() if isinstance(d, LowRank) else d
+
+    def num_stored_values(self) -> int:
+        return sum(d.a.numel() + d.b.numel() if isinstance(d, LowRank) else d.numel() for d in self.deltas.values())
+
+    def __repr__(self) -> str:
+        kinds = {n: ("low-rank r=%d" % d.a.shape[1]) if isinstance(d, LowRank) else "dense" for n, d in self.deltas.items()}
+        return f"Patch(id={self.id}, method={self.method!r}, edits={len(self.requests)}, deltas={kinds})"
+
+    # -- apply / revert --------------------------------------------------------------------------------
+    def _check(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        fp = fingerprint(model)
+        if fp != self.fingerprint:
+            raise PatchError(
+                f"patch {self.id} was made for model {self.fingerprint} but this model is {fp}: "
+                "a patch can only be applied to the exact model it was computed on"
+            )
+        params = dict(model.named_parameters())
+        for name, d in self.deltas.items():
+            if name not in params:
+                raise PatchError(f"patch {self.id}: the model has no parameter {name!r}")
+            if tuple(params[name].shape) != tuple(d.shape):
+                raise PatchError(f"patch {self.id}: {name} is {tuple(params[name].shape)}, delta is {tuple(d.shape)}")
+        return params
+
+    @torch.no_grad()
+    def _add_to(self, params: dict[str, nn.Parameter]) -> None:
+        for name in self.deltas:
+            p = params[name]
+            p.add_(self.dense(name).to(device=p.device, dtype=p.dtype))
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> Patch:
+        """Add the deltas to the model's weights (in place)."""
+        params = self._check(model)
+        state = _state(model)
+        if any(p is self for p in state.applied):
+            raise PatchError(f"patch {self.id} is already applied to this model")
+        for name in self.deltas:
+            if name not in state.base:
+                state.base[name] = params[name].detach().clone()
+        self._add_to(params)
+        state.applied.append(self)
+        return self
+
+    @torch.no_grad()
+    def revert(self, model: nn.Module) -> None:
+        """Remove this patch; the weights become exactly base + the other applied patches, in order."""
+        state = _state(model)
+        if not any(p is self for p in state.applied):
+            raise PatchError(f"patch {self.id} is not applied to this model")
+        state.applied = [p for p in state.applied if p is not self]
+        _rebuild(model, state, touched=set(self.deltas))
+
+    # -- files -----------------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "id": self.id,
+            "method": self.method,
+            "fingerprint": self.fingerprint,
+            "hparams": self.hparams,
+            "requests": self.requests,
+            "info": self.info,
+            "kinds": {n: "low_rank" if isinstance(d, LowRank) else "dense" for n, d in self.deltas.items()},
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, d in self.deltas.items():
+            if isinstance(d, LowRank):
+                tensors[f"a/{name}"], tensors[f"b/{name}"] = d.a.contiguous(), d.b.contiguous()
+            else:
+                tensors[f"dense/{name}"] = d.contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        save_file(tensors, str(tmp), metadata={"modeledit": json.dumps(self.metadata(), default=str)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Patch:
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta_text = (f.metadata() or {}).get("modeledit")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except FileNotFoundError:
+            raise PatchError(f"no patch file at {path}") from None
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise PatchError(f"{path} is not a readable safetensors patch ({e})") from None
+        if meta_text is None:
+            raise PatchError(f"{path} is a safetensors file but not a modeledit patch (no 'modeledit' metadata)")
+        meta = json.loads(meta_text)
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise PatchError(f"{path} has patch format {meta['format_version']}; this modeledit reads up to {FORMAT_VERSION}")
+        deltas: dict[str, Delta] = {}
+        for name, kind in meta["kinds"].items():
+            deltas[name] = LowRank(tensors[f"a/{name}"], tensors[f"b/{name}"]) if kind == "low_rank" else tensors[f"dense/{name}"]
+        return cls(
+            deltas=deltas,
+            fingerprint=meta["fingerprint"],
+            method=meta["method"],
+            hparams=meta.get("hparams", {}),
+            requests=meta.get("requests", []),
+            info=meta.get("info", {}),
+            id=meta["id"],
+        )
+
+
+@torch.no_grad()
+def _rebuild(model: nn.Module, state: _AppliedState, touched: set[str]) -> None:
+    params = dict(model.named_parameters())
+    for name in touched:
+        params[name].copy_(state.base[name])
+    for patch in state.applied:
+        for name in patch.deltas:
+            if name in touched:
+                p = params[name]
+                p.add_(patch.dense(name).to(device=p.device, dtype=p.dtype))
+
+
+@torch.no_grad()
+def revert_all(model: nn.Module) -> None:
+    """Remove every applied patch: the model's weights are its base weights again, bit for bit."""
+    state = _state(model)
+    params = dict(model.named_parameters())
+    for name, base in state.base.items():
+        params[name].copy_(base)
+    state.applied.clear()
+    state.base.clear()
