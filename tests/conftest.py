@@ -17,7 +17,7 @@ H, FF = 32, 64  # hidden and MLP sizes of the tiny models (different, so project
 
 def tiny_configs() -> dict[str, object]:
     """name -> config of a 2-block model with hidden size H and MLP size FF."""
-    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=1, pad_token_id=0, initializer_range=0.1)
     return {
         "gpt2": tf.GPT2Config(n_layer=2, n_embd=H, n_head=2, n_inner=FF, n_positions=128, **common),
         "gptj": tf.GPTJConfig(n_layer=2, n_embd=H, n_head=2, n_inner=FF, rotary_dim=8, n_positions=128, **common),

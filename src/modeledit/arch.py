@@ -57,11 +57,15 @@ class Architecture:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-        self.hidden_size = model.get_input_embeddings().weight.shape[1]
+        self.is_seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         stacks = self._find_block_stacks(model)
         if not stacks:
             raise ArchitectureError(f"no transformer block stack found in {type(model).__name__}")
+        if not callable(getattr(model, "get_input_embeddings", None)):
+            raise ArchitectureError(
+                f"{type(model).__name__} has no get_input_embeddings(): not a transformers language model"
+            )
+        self.hidden_size = model.get_input_embeddings().weight.shape[1]
         self.blocks: list[Block] = []
         for stack_name, kind in stacks:
             stack = model.get_submodule(stack_name)
@@ -99,8 +103,8 @@ class Architecture:
                 mlp_out.append(sub)
         if not mlp_in or len(mlp_out) != 1:
             raise ArchitectureError(
-                f"block {name}: expected MLP input projection(s) and one output projection outside attention, "
-                f"found inputs {mlp_in} and outputs {mlp_out}"
+                f"block {name}: expected MLP input projection(s) and one output projection outside "
+                f"attention, found inputs {mlp_in} and outputs {mlp_out}"
             )
         return Block(name, kind, index, tuple(mlp_in), mlp_out[0])
 
@@ -133,16 +137,20 @@ class Architecture:
         return self.mlp_in(layer, kind) + [self.mlp_out(layer, kind)]
 
     def last_mlp_linears(self, n_blocks: int = 3) -> list[str]:
-        """MLP matrices of the last ``n_blocks`` blocks; for seq2seq, of the last 2 encoder and decoder blocks."""
+        """MLP matrices of the last ``n_blocks`` blocks (all blocks if fewer).
+
+        For seq2seq models, of the last ``min(n_blocks, 2)`` encoder blocks, then as many decoder blocks.
+        """
+        # Clamp to the stack size: a negative start would wrap around and list blocks twice.
         if self.is_seq2seq:
-            n = min(n_blocks, 2)
             return [
                 name
                 for kind in ("encoder", "decoder")
-                for layer in range(len(self.stack(kind)) - n, len(self.stack(kind)))
+                for layer in range(max(len(self.stack(kind)) - min(n_blocks, 2), 0), len(self.stack(kind)))
                 for name in self.mlp_linears(layer, kind)
             ]
-        return [name for layer in range(self.num_layers - n_blocks, self.num_layers) for name in self.mlp_linears(layer)]
+        start = max(self.num_layers - n_blocks, 0)
+        return [name for layer in range(start, self.num_layers) for name in self.mlp_linears(layer)]
 
     def residual(self, layer: int, kind: str = "decoder") -> str:
         """Module whose output is the residual stream after block ``layer``."""

@@ -218,5 +218,95 @@ def eval_(
     _run(body)
 
 
+@app.command()
+def train(
+    method: str = typer.Argument(..., help="learned editor to train, e.g. mend"),
+    data: Path = typer.Option(..., help="training edits (CounterFact / flattened / zsRE, JSON or JSONL)"),
+    out: Path = typer.Option(..., help="folder for the trained editor, curves.png, metrics.json and checkpoints"),
+    model_name: str = typer.Option("default", "--model"),
+    val: Path = typer.Option(None, help="validation edits; default: the last --val-size records of --data"),
+    val_size: int = typer.Option(100, help="held-out edits for validation"),
+    limit: int = typer.Option(None, help="use at most this many training edits"),
+    steps: int = typer.Option(None, help="optimizer steps (default: the trainer's)"),
+    edits_per_batch: int = typer.Option(1, help="edits per training batch (applied together)"),
+    texts_per_batch: int = typer.Option(2, help="unrelated texts per batch for the locality loss"),
+    wiki: Path = typer.Option(None, help="SQuAD-style JSON whose contexts give the unrelated texts"),
+    threads: int = typer.Option(None, help="torch CPU threads"),
+    resume: bool = typer.Option(False, help="continue from OUT/last"),
+    seed: int = typer.Option(0, help="shuffling of the training edits"),
+    set_: list[str] = typer.Option([], "--set", help="editor or trainer setting KEY=VALUE (repeatable)"),
+) -> None:
+    """Train a learned editor (MEND) for a model; use it with --set editor_path=OUT."""
+
+    def body():
+        import dataclasses
+
+        import torch
+
+        from .editor import EDITORS, available_methods
+        from .lm import is_seq2seq
+        from .locality import default_locality_texts
+        from .requests import load_requests
+        from .training import EditBatches, TrainConfig, split_train_val, train_editor, validation_batches
+        from .training.data import wiki_sentences
+
+        learned = [m for m in available_methods() if hasattr(EDITORS[m], "for_training")]
+        if method not in learned:
+            raise ValueError(f"{method!r} is not a learned editor; trainable: {', '.join(learned)}")
+        cls = EDITORS[method]
+        overrides = _parse_overrides(set_)
+        method_keys = {f.name for f in dataclasses.fields(cls.Config)}
+        train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = set(overrides) - method_keys - train_keys
+        if unknown:
+            valid = sorted(method_keys | train_keys)
+            raise ValueError(f"unknown setting(s) {sorted(unknown)}; valid: {valid}")
+        train_config = TrainConfig(**{k: v for k, v in overrides.items() if k in train_keys})
+        if steps is not None:
+            train_config.steps = steps
+        if threads:
+            torch.set_num_threads(threads)
+        if val is None:
+            train_requests, val_requests = split_train_val(load_requests(data), val_size)
+        else:
+            train_requests, val_requests = load_requests(data), load_requests(val, limit=val_size)
+        train_requests = train_requests[:limit]
+        if wiki is not None:
+            sentences = wiki_sentences(wiki)
+            held_out = max(len(sentences) // 10, 1)
+            train_texts, val_texts = sentences[:-held_out], sentences[-held_out:]
+        else:
+            train_texts = val_texts = default_locality_texts()
+        model, tokenizer = _load(model_name)
+        seq2seq = is_seq2seq(model)
+        config = cls.Config(**{k: v for k, v in overrides.items() if k in method_keys})
+        editor = cls.for_training(model, tokenizer, config)
+        batches = EditBatches(
+            tokenizer, train_requests, edits_per_batch, train_texts, texts_per_batch, seed=seed, seq2seq=seq2seq
+        )
+        val_batches = validation_batches(tokenizer, val_requests, val_texts, texts_per_batch, seq2seq)
+        console.print(
+            f"training {method} on {len(train_requests)} edits ({edits_per_batch} per batch), "
+            f"validating on {len(val_requests)}; {train_config}",
+            highlight=False,
+        )
+        metrics = train_editor(editor, batches.__getitem__, val_batches, train_config, out, resume=resume)
+        metrics |= {"method": method, "model": model_name, "data": str(data), "hparams": dataclasses.asdict(editor.config)}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+        table = Table(title=f"{method}: best validation (step {(metrics['best_val'] or {}).get('step')})")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in (metrics["best_val"] or {}).items():
+            table.add_row(key, f"{value:.4g}")
+        console.print(table)
+        console.print(
+            f"{metrics['steps']} steps in {metrics['seconds']:.0f} s ({metrics['stop_reason']}), "
+            f"peak RSS {metrics['peak_rss_mb']:.0f} MB; editor, curves.png and metrics.json in {out}",
+            highlight=False,
+        )
+
+    _run(body)
+
+
 if __name__ == "__main__":
     app()

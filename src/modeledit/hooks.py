@@ -69,8 +69,10 @@ class Trace:
         return hook
 
     def __enter__(self) -> Trace:
-        for name in self.names:
-            module = self.model.get_submodule(name)
+        # Resolve every name first: an unknown one raises before any hook is registered (``__exit__`` is not
+        # called when ``__enter__`` raises, so hooks registered earlier would stay on the model forever).
+        modules = [self.model.get_submodule(name) for name in self.names]
+        for name, module in zip(self.names, modules, strict=True):
             self._handles.append(module.register_forward_hook(self._hook(name)))
         return self
 

@@ -84,11 +84,15 @@ def aligned_logits(
     seq2seq = is_seq2seq(model)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in model_inputs(batch, seq2seq).items()}
-    logits = forward(model, inputs, params).logits
     labels = batch["labels"].to(device)
     if seq2seq:
-        return logits, labels
-    return logits[:, :-1], labels[:, 1:]
+        return forward(model, inputs, params).logits, labels
+    # Only positions that predict a target token need the (vocabulary-sized) LM head: keep the span from
+    # the shortest prompt's last token on. On a 135M model with a 49k vocabulary this halves the cost.
+    start = max(int(batch["prompt_lengths"].min()) - 1, 0)
+    keep = torch.arange(start, labels.shape[1] - 1, device=device)
+    logits = forward(model, inputs | {"logits_to_keep": keep}, params).logits
+    return logits, labels[:, start + 1 :]
 
 
 def token_logprobs(

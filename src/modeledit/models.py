@@ -103,6 +103,12 @@ def _load_offline(name: str):
         tmp.rename(folder)  # atomic: a killed first load never leaves a half-written cache
     model, tokenizer = _load_dir(folder)
     model.name_or_path = canonical
+    # The cached folder never changes, so its fingerprint is computed once and kept beside it.
+    stored = folder / "modeledit_fingerprint.txt"
+    if stored.exists():
+        model.__dict__["_modeledit_fingerprint"] = stored.read_text().strip()
+    else:
+        stored.write_text(fingerprint(model))
     return model, tokenizer
 
 
@@ -128,6 +134,7 @@ def load_model(name: str = "default", device: str = "cpu"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
+    model.requires_grad_(False)  # the base model is never trained; editors take gradients explicitly
     fingerprint(model)
     return model, tokenizer
 

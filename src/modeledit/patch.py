@@ -5,9 +5,9 @@ applied patch (not only the last) restores the base values and re-adds the remai
 order, so the weights always equal ``base + patches`` computed the same way: no floating-point drift from
 subtract-and-add, and the result equals a fresh replay bit for bit.
 
-File format: one safetensors file; tensors ``dense/<param>`` or ``a/<param>`` and ``b/<param>`` (delta = a @ b,
-in the parameter's storage layout); JSON metadata (method, hyperparameters, requests, model fingerprint)
-in the safetensors header under the key ``modeledit``. Never pickle.
+File format: one safetensors file; tensors ``dense/<param>`` or ``a/<param>`` and ``b/<param>``
+(delta = a @ b, in the parameter's storage layout); JSON metadata (method, hyperparameters, requests,
+model fingerprint) in the safetensors header under the key ``modeledit``. Never pickle.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ class LowRank:
 Delta = torch.Tensor | LowRank
 
 
-def linear_delta(model: nn.Module, module_name: str, left: torch.Tensor, right: torch.Tensor) -> tuple[str, LowRank]:
+def linear_delta(
+    model: nn.Module, module_name: str, left: torch.Tensor, right: torch.Tensor
+) -> tuple[str, LowRank]:
     """A low-rank delta ``left @ right`` given in (out, in) orientation for a linear layer's weight.
 
     Handles GPT-2's Conv1D, whose weight is stored as (in, out): the factors are transposed and swapped.
@@ -62,7 +64,9 @@ def linear_delta(model: nn.Module, module_name: str, left: torch.Tensor, right: 
     return f"{module_name}.weight", LowRank(left.contiguous(), right.contiguous())
 
 
-def linear_dense_delta(model: nn.Module, module_name: str, delta_out_in: torch.Tensor) -> tuple[str, torch.Tensor]:
+def linear_dense_delta(
+    model: nn.Module, module_name: str, delta_out_in: torch.Tensor
+) -> tuple[str, torch.Tensor]:
     module = model.get_submodule(module_name)
     return f"{module_name}.weight", (delta_out_in.T if is_transposed(module) else delta_out_in).contiguous()
 
@@ -101,10 +105,15 @@ class Patch:
         return d.dense() if isinstance(d, LowRank) else d
 
     def num_stored_values(self) -> int:
-        return sum(d.a.numel() + d.b.numel() if isinstance(d, LowRank) else d.numel() for d in self.deltas.values())
+        return sum(
+            d.a.numel() + d.b.numel() if isinstance(d, LowRank) else d.numel() for d in self.deltas.values()
+        )
 
     def __repr__(self) -> str:
-        kinds = {n: ("low-rank r=%d" % d.a.shape[1]) if isinstance(d, LowRank) else "dense" for n, d in self.deltas.items()}
+        kinds = {
+            n: f"low-rank r={d.a.shape[1]}" if isinstance(d, LowRank) else "dense"
+            for n, d in self.deltas.items()
+        }
         return f"Patch(id={self.id}, method={self.method!r}, edits={len(self.requests)}, deltas={kinds})"
 
     # -- apply / revert --------------------------------------------------------------------------------
@@ -120,7 +129,9 @@ class Patch:
             if name not in params:
                 raise PatchError(f"patch {self.id}: the model has no parameter {name!r}")
             if tuple(params[name].shape) != tuple(d.shape):
-                raise PatchError(f"patch {self.id}: {name} is {tuple(params[name].shape)}, delta is {tuple(d.shape)}")
+                raise PatchError(
+                    f"patch {self.id}: {name} is {tuple(params[name].shape)}, delta is {tuple(d.shape)}"
+                )
         return params
 
     @torch.no_grad()
@@ -134,7 +145,8 @@ class Patch:
         """Add the deltas to the model's weights (in place)."""
         params = self._check(model)
         state = _state(model)
-        if any(p is self for p in state.applied):
+        # By id too: the same patch loaded twice from its file must not be added twice.
+        if any(p is self or p.id == self.id for p in state.applied):
             raise PatchError(f"patch {self.id} is already applied to this model")
         for name in self.deltas:
             if name not in state.base:
@@ -191,22 +203,38 @@ class Patch:
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise PatchError(f"{path} is not a readable safetensors patch ({e})") from None
         if meta_text is None:
-            raise PatchError(f"{path} is a safetensors file but not a modeledit patch (no 'modeledit' metadata)")
-        meta = json.loads(meta_text)
+            raise PatchError(
+                f"{path} is a safetensors file but not a modeledit patch (no 'modeledit' metadata)"
+            )
+        try:
+            meta = json.loads(meta_text)
+        except json.JSONDecodeError as e:
+            raise PatchError(f"{path} has corrupt modeledit metadata (not JSON: {e})") from None
+        if not isinstance(meta, dict):
+            raise PatchError(f"{path} has corrupt modeledit metadata (not a JSON object)")
         if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise PatchError(f"{path} has patch format {meta['format_version']}; this modeledit reads up to {FORMAT_VERSION}")
-        deltas: dict[str, Delta] = {}
-        for name, kind in meta["kinds"].items():
-            deltas[name] = LowRank(tensors[f"a/{name}"], tensors[f"b/{name}"]) if kind == "low_rank" else tensors[f"dense/{name}"]
-        return cls(
-            deltas=deltas,
-            fingerprint=meta["fingerprint"],
-            method=meta["method"],
-            hparams=meta.get("hparams", {}),
-            requests=meta.get("requests", []),
-            info=meta.get("info", {}),
-            id=meta["id"],
-        )
+            raise PatchError(
+                f"{path} has patch format {meta['format_version']}; "
+                f"this modeledit reads up to {FORMAT_VERSION}"
+            )
+        try:
+            deltas: dict[str, Delta] = {}
+            for name, kind in meta["kinds"].items():
+                if kind == "low_rank":
+                    deltas[name] = LowRank(tensors[f"a/{name}"], tensors[f"b/{name}"])
+                else:
+                    deltas[name] = tensors[f"dense/{name}"]
+            return cls(
+                deltas=deltas,
+                fingerprint=meta["fingerprint"],
+                method=meta["method"],
+                hparams=meta.get("hparams", {}),
+                requests=meta.get("requests", []),
+                info=meta.get("info", {}),
+                id=meta["id"],
+            )
+        except (KeyError, AttributeError, TypeError) as e:
+            raise PatchError(f"{path} is an incomplete or corrupt modeledit patch (missing {e})") from None
 
 
 @torch.no_grad()

@@ -99,13 +99,21 @@ def _as_list(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+def _rome_str(rw: dict, name: str) -> str:
+    """``rw[name]["str"]``; a KeyError naming ``name`` (not ``'str'``) when it is missing."""
+    value = rw[name]
+    if not isinstance(value, dict) or "str" not in value:
+        raise KeyError(f"{name}.str")
+    return value["str"]
+
+
 def _from_rome_counterfact(r: dict) -> EditRequest:
     rw = r["requested_rewrite"]
     return EditRequest(
         prompt=rw["prompt"],
         subject=rw["subject"],
-        target_new=rw["target_new"]["str"],
-        target_true=rw["target_true"]["str"],
+        target_new=_rome_str(rw, "target_new"),
+        target_true=_rome_str(rw, "target_true"),
         paraphrase_prompts=_as_list(r.get("paraphrase_prompts")),
         neighborhood_prompts=_as_list(r.get("neighborhood_prompts")),
         generation_prompts=_as_list(r.get("generation_prompts")),
@@ -154,11 +162,9 @@ def request_from_record(r: Any, index: int = 0) -> EditRequest:
     try:
         if "requested_rewrite" in r:
             req = _from_rome_counterfact(r)
-        elif "src" in r and "alt" in r:
+        elif "src" in r:  # zsRE (a missing "alt" is reported as such)
             req = _from_zsre(r)
-        elif "target_new" in r and isinstance(r["target_new"], str) and (
-            "ground_truth" in r or "rephrase_prompt" in r or "locality_prompt" in r
-        ):
+        elif "ground_truth" in r or "rephrase_prompt" in r or "locality_prompt" in r:
             req = _from_flattened(r)
         elif "prompt" in r and "target_new" in r:
             unknown = set(r) - _REQUEST_FIELDS
@@ -201,7 +207,8 @@ def load_requests(path: str | Path, offset: int = 0, limit: int | None = None) -
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                e = whole_error if n == 1 else None
+                # Nothing parsed yet: not JSONL from the start, so the whole-file error has the right line.
+                e = whole_error if not records else None
                 detail = f"line {e.lineno} column {e.colno}: {e.msg}" if e else f"line {n} is not valid JSON"
                 raise EditRequestError(f"{path}: not valid JSON or JSONL ({detail})") from None
     if not records:

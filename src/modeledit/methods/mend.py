@@ -1,0 +1,360 @@
+"""MEND: Model Editor Networks with Gradient Decomposition (Mitchell et al., "Fast Model Editing at Scale").
+
+For a linear layer W (out, in), the gradient of the edit loss is a sum over tokens of rank-1 terms:
+dL/dW = sum_t delta_t u_t^T, with u_t the layer's input and delta_t the gradient w.r.t. its output at token t.
+MEND edits with a learned transform of these factors instead of the raw gradient:
+
+    z = [norm(u); norm(delta)]                                  running mean/std, frozen outside training
+    h = z + U1 relu(V1 (s1_l * z + o1_l) + b1)                  residual low-rank layers, U = 0 at init
+    g = h + U2 relu(V2 (s2_l * h + o2_l) + b2)                  (s, o: scale and shift of edited layer l)
+    (u~, delta~) = split(g)
+    W~ = W - alpha_l * sum_t delta~_t u~_t^T                    a low-rank patch; alpha_l learned per layer
+
+One network serves every edited matrix of one shape. It is trained (``modeledit train mend``) to minimise
+c_edit * NLL(target_new | edit prompt and paraphrase; W~) + c_loc * KL(p_W || p_W~) on unrelated inputs,
+with gradients through W~ into the network and the alphas (u and delta are detached: first order).
+
+The paper writes each layer as z + relu(s * (U V z + b) + o). With U = 0 (identity at init) that
+pre-activation is exactly 0 and ReLU passes no gradient, so nothing could ever train; here the ReLU sits
+inside the low-rank product and the per-layer scale and shift act on the layer's input, which keeps the
+identity at init and trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..arch import architecture, linear_shape
+from ..editor import Editor, register
+from ..hooks import Trace
+from ..lm import aligned_logits, is_seq2seq, kl_on_positions, target_batch
+from ..models import fingerprint
+from ..patch import Delta, linear_delta
+from ..requests import EditRequest
+from ..training.data import MetaBatch, concat_batches
+
+EDITORS_DIR = (
+    Path(__file__).resolve().parents[1] / "editors"
+)  # editors shipped with the package, one folder per model
+CONFIG_FILE, WEIGHTS_FILE = "mend.json", "mend.safetensors"
+FORMAT_VERSION = 1
+
+
+class EditorNotTrainedError(ValueError):
+    """No trained MEND editor fits this model; the message says how to get one."""
+
+
+@dataclass
+class MENDConfig:
+    """MEND: a trained network turns the edit's gradient into a low-rank update (needs a trained editor)."""
+
+    editor_path: str | None = (
+        None  # folder with mend.json + mend.safetensors; None: the shipped editor for this model
+    )
+    modules: list[str] | None = (
+        None  # edited linear layers; None: the MLP matrices of the last num_blocks blocks
+    )
+    num_blocks: int = 3
+    rank: int = 64  # rank of the editor network's layers (the paper uses 1920)
+    alpha_init: float = 1e-4  # initial per-layer step size alpha_l
+    c_edit: float = 0.1  # weight of the edit NLL in the training loss
+    c_loc: float = 1.0  # weight of the locality KL in the training loss
+    lr: float = 1e-4  # Adam learning rate of the editor network (training)
+    lr_alpha: float = 1e-4  # Adam learning rate of the step sizes alpha_l (training)
+    seed: int = 0  # initialisation of the editor network
+
+
+# -- gradient decomposition ----------------------------------------------------------------------------
+
+
+def _row_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of each row's labelled tokens, from aligned logits."""
+    mask = labels != -100
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -(logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def _decompose(model: nn.Module, batch: dict, modules: list[str], n_edit: int):
+    """Forward ``batch`` with the base weights; backward the summed mean NLL of its first ``n_edit`` rows.
+
+    Returns ({module: (u, delta)} with one row per token, all-zero rows dropped, detached) and the detached
+    aligned logits of every row (the later rows serve as the unedited reference for the KL).
+    """
+    params = dict(model.named_parameters())
+    # The base weights as fresh leaves, so the layers' outputs require grad even though the model is frozen.
+    leaves = {f"{m}.weight": params[f"{m}.weight"].detach().requires_grad_(True) for m in modules}
+    with torch.enable_grad(), Trace(model, modules, capture_input=True) as tr:
+        logits, labels = aligned_logits(model, batch, params=leaves)
+        loss = _row_nll(logits[:n_edit], labels[:n_edit]).sum()  # each edit's own mean NLL, summed over edits
+        deltas = torch.autograd.grad(loss, [tr[m].output for m in modules])
+    factors = {}
+    for m, delta in zip(modules, deltas, strict=True):
+        u, delta = tr[m].input.detach().flatten(0, -2), delta.detach().flatten(0, -2)
+        keep = (u != 0).any(-1) & (delta != 0).any(-1)  # padding and positions after the targets
+        factors[m] = (u[keep].float(), delta[keep].float())
+    return factors, logits.detach()
+
+
+def gradient_factors(
+    model: nn.Module, tokenizer, requests: list[EditRequest], modules: list[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-token (u, delta) of each module for the edit loss: sum_t delta_t u_t^T = dL/dW (out, in)."""
+    batch = target_batch(
+        tokenizer, [r.text for r in requests], [r.target_new for r in requests], is_seq2seq(model)
+    )
+    return _decompose(model, batch, modules, len(requests))[0]
+
+
+# -- the editor network --------------------------------------------------------------------------------
+
+
+class ResidualLowRank(nn.Module):
+    """z + U relu(V (s_l * z + o_l) + b): the identity while U = 0; one scale and shift per edited layer."""
+
+    def __init__(self, dim: int, rank: int, n_layers: int):
+        super().__init__()
+        self.U = nn.Parameter(torch.zeros(dim, rank))
+        self.V = nn.Parameter(torch.empty(rank, dim))
+        nn.init.kaiming_uniform_(self.V, a=math.sqrt(5))  # nn.Linear's default
+        self.b = nn.Parameter(torch.zeros(rank))
+        self.scale = nn.Parameter(torch.ones(n_layers, dim))
+        self.shift = nn.Parameter(torch.zeros(n_layers, dim))
+
+    def forward(self, z: torch.Tensor, layer: int) -> torch.Tensor:
+        x = z * self.scale[layer] + self.shift[layer]
+        return z + torch.relu(x @ self.V.T + self.b) @ self.U.T
+
+
+class GradientTransform(nn.Module):
+    """The network of every edited matrix of one shape (out, in): normalise (u, delta); two residual layers"""
+
+    def __init__(self, d_out: int, d_in: int, n_layers: int, rank: int):
+        super().__init__()
+        self.d_in = d_in
+        self.layer1 = ResidualLowRank(d_in + d_out, rank, n_layers)
+        self.layer2 = ResidualLowRank(d_in + d_out, rank, n_layers)
+        # Running statistics of the training tokens (Welford, float64); count < 2: mean 0 / std 1 (identity).
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        for name, d in (("u", d_in), ("delta", d_out)):
+            self.register_buffer(f"{name}_mean", torch.zeros(d, dtype=torch.float64))
+            self.register_buffer(f"{name}_m2", torch.zeros(d, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update_stats(self, u: torch.Tensor, delta: torch.Tensor) -> None:
+        """Welford's running mean and variance, merging a whole batch of tokens at once (Chan et al.)."""
+        n_b = u.shape[0]
+        if n_b == 0:
+            return
+        n_a = float(self.count)
+        n = n_a + n_b
+        for name, x in (("u", u), ("delta", delta)):
+            x = x.double()
+            mean, m2 = getattr(self, f"{name}_mean"), getattr(self, f"{name}_m2")
+            batch_mean = x.mean(0)
+            diff = batch_mean - mean
+            m2 += ((x - batch_mean) ** 2).sum(0) + diff**2 * (n_a * n_b / n)
+            mean += diff * (n_b / n)
+        self.count += n_b
+
+    def std(self, name: str) -> torch.Tensor:
+        m2 = getattr(self, f"{name}_m2")
+        if self.count < 2:
+            return torch.ones_like(m2)
+        return (m2 / (self.count - 1)).sqrt().clamp(min=1e-6)
+
+    def normalise(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return (x - getattr(self, f"{name}_mean").float()) / self.std(name).float()
+
+    def forward(self, u: torch.Tensor, delta: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training:
+            self.update_stats(u, delta)
+        z = torch.cat([self.normalise(u, "u"), self.normalise(delta, "delta")], -1)
+        g = self.layer2(self.layer1(z, layer), layer)
+        return g[:, : self.d_in], g[:, self.d_in :]
+
+
+class MENDNetwork(nn.Module):
+    """The editor networks (one per weight shape) and the step sizes alpha_l (one per edited matrix)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], rank: int, alpha_init: float):
+        super().__init__()
+        self.shapes = dict(shapes)  # module name -> (out, in)
+        groups: dict[str, list[str]] = {}
+        for name, (d_out, d_in) in self.shapes.items():
+            groups.setdefault(f"{d_out}x{d_in}", []).append(name)
+        self.slot = {name: (key, i) for key, names in groups.items() for i, name in enumerate(names)}
+        self.nets = nn.ModuleDict(
+            {
+                key: GradientTransform(*self.shapes[names[0]], len(names), rank)
+                for key, names in groups.items()
+            }
+        )
+        self.alpha = nn.Parameter(torch.full((len(self.shapes),), float(alpha_init)))
+
+    def forward(
+        self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{module: (u, delta)} -> {module: (left (out, n), right (n, in))} with W~ = W + left @ right.
+
+        DESCENT: W~ = W - alpha * sum_t delta~_t u~_t^T. (The authors' public code adds the update instead;
+        its author confirmed that sign is a bug. A test checks that one untrained step lowers the edit loss.)
+        """
+        out = {}
+        for j, name in enumerate(self.shapes):
+            key, layer = self.slot[name]
+            u, delta = factors[name]
+            u_t, delta_t = self.nets[key](u, delta, layer)
+            out[name] = (-self.alpha[j] * delta_t.T, u_t)
+        return out
+
+
+# -- the editor ----------------------------------------------------------------------------------------
+
+
+@register
+class MEND(Editor):
+    name = "mend"
+    Config = MENDConfig
+
+    def __init__(self, model: nn.Module, tokenizer, config: MENDConfig, network: MENDNetwork | None = None):
+        super().__init__(model, tokenizer, config)
+        self.network = network
+        if network is None:
+            self.load(self._editor_dir())
+        self.network.eval()
+
+    @classmethod
+    def for_training(cls, model: nn.Module, tokenizer, config: MENDConfig) -> MEND:
+        """A MEND editor with a fresh (identity) network, to be trained with ``training.train_editor``."""
+        arch = architecture(model)
+        modules = list(config.modules) if config.modules else arch.last_mlp_linears(config.num_blocks)
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            network = MENDNetwork(
+                {m: linear_shape(arch.linear(m)) for m in modules}, config.rank, config.alpha_init
+            )
+        return cls(model, tokenizer, config, network)
+
+    # -- editing ----------------------------------------------------------------------------------------
+    def compute_deltas(self, requests: list[EditRequest]) -> dict[str, Delta]:
+        factors = gradient_factors(self.model, self.tokenizer, requests, list(self.network.shapes))
+        with torch.no_grad():
+            updates = self.network(factors)
+        return dict(linear_delta(self.model, m, left, right) for m, (left, right) in updates.items())
+
+    # -- training (the trainer's learned-editor interface) ---------------------------------------------
+    def train(self, mode: bool = True) -> MEND:
+        self.network.train(mode)
+        return self
+
+    def param_groups(self) -> list[dict]:
+        nets = [p for name, p in self.network.named_parameters() if name != "alpha"]
+        return [
+            {"params": nets, "lr": self.config.lr},
+            {"params": [self.network.alpha], "lr": self.config.lr_alpha},
+        ]
+
+    def training_loss(self, batch: MetaBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """c_edit * NLL(target_new | edit prompts, paraphrases; W~) + c_loc * KL(p_W || p_W~) on loc rows."""
+        c, k = self.config, batch.k
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        shift = 0 if self.arch.is_seq2seq else 1  # aligned logits drop the last position of decoder-only rows
+        loc = batch.loc
+        first = concat_batches([batch.edit, loc], pad) if loc is not None else batch.edit
+        factors, base_logits = _decompose(self.model, first, list(self.network.shapes), k)
+        with torch.set_grad_enabled(self.network.training):
+            params = dict(self.model.named_parameters())
+            edited = {}
+            for m, (left, right) in self.network(factors).items():
+                name, delta = linear_delta(self.model, m, left, right)
+                edited[name] = params[name] + delta.dense()
+            second = concat_batches([batch.gen, loc], pad) if loc is not None else batch.gen
+            logits, labels = aligned_logits(self.model, second, params=edited)
+            n_gen = batch.gen["input_ids"].shape[0]
+            nll = _row_nll(logits[:n_gen], labels[:n_gen])
+            edit_loss = nll[: batch.n_new].mean()
+            loss = c.c_edit * edit_loss
+            stats = {"edit_nll": edit_loss.item(), "alpha": self.network.alpha.mean().item()}
+            if loc is not None:
+                width = loc["labels"].shape[1] - shift
+                before, after = base_logits[k:, :width], logits[n_gen:, :width]
+                mask = labels[n_gen:, :width] != -100
+                kl = kl_on_positions(before, after, mask)
+                loss = loss + c.c_loc * kl
+                agree = ((before.argmax(-1) == after.argmax(-1)) & mask).sum() / mask.sum().clamp(min=1)
+                stats |= {"kl": kl.item(), "loc_agree": 100.0 * agree.item()}
+        if n_gen > batch.n_new:  # success: the new target beats the true one (rewrite, then paraphrase rows)
+            success = (nll[: batch.n_new] < nll[batch.n_new :]).float().detach() * 100
+            stats["es"] = float(success[:k].mean())
+            if batch.n_new > k:
+                stats["ps"] = float(success[k:].mean())
+        return loss, stats
+
+    # -- files ------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+        """Write mend.json (fingerprint, layers, hparams), mend.safetensors (network, alphas, stats)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        hparams = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "editor_path"}
+        meta = {
+            "method": self.name,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint(self.model),
+            "model": getattr(self.model, "name_or_path", None),
+            "shapes": {m: list(s) for m, s in self.network.shapes.items()},
+            "hparams": hparams,
+        }
+        tensors = {
+            k: (v.to(dtype) if v.is_floating_point() and v.dtype != torch.float64 else v).contiguous()
+            for k, v in self.network.state_dict().items()
+        }
+        tmp = directory / (WEIGHTS_FILE + ".partial")
+        save_file(tensors, str(tmp), metadata={"modeledit": json.dumps(meta)})
+        tmp.replace(directory / WEIGHTS_FILE)
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+        return directory
+
+    def load(self, directory: str | Path) -> None:
+        """Load a trained editor; it must have been trained for this very model (same fingerprint)."""
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
+            raise EditorNotTrainedError(f"{directory} holds no MEND editor ({CONFIG_FILE} + {WEIGHTS_FILE})")
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+        fp = fingerprint(self.model)
+        if meta["fingerprint"] != fp:
+            raise EditorNotTrainedError(
+                f"the MEND editor in {directory} was trained for model {meta.get('model')} "
+                f"({meta['fingerprint']}), "
+                f"not this model ({fp}); train one for it with `modeledit train mend`"
+            )
+        known = {f.name for f in dataclasses.fields(MENDConfig)} - {"editor_path"}
+        self.config = dataclasses.replace(
+            self.config, **{k: v for k, v in meta["hparams"].items() if k in known}
+        )
+        if self.network is None:
+            shapes = {m: tuple(s) for m, s in meta["shapes"].items()}
+            self.network = MENDNetwork(shapes, self.config.rank, self.config.alpha_init)
+        state = self.network.state_dict()
+        tensors = load_file(str(directory / WEIGHTS_FILE))
+        self.network.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items() if k in state})
+
+    def _editor_dir(self) -> Path:
+        if self.config.editor_path:
+            return Path(self.config.editor_path)
+        fp = fingerprint(self.model)
+        for config_file in sorted(EDITORS_DIR.glob(f"*/{CONFIG_FILE}")):
+            if json.loads(config_file.read_text()).get("fingerprint") == fp:
+                return config_file.parent
+        raise EditorNotTrainedError(
+            f"no trained MEND editor for this model (fingerprint {fp}): train one with "
+            "`modeledit train mend --model MODEL --data TRAIN.json --out DIR`, then pass editor_path=DIR "
+            "(on the command line: --set editor_path=DIR)"
+        )
