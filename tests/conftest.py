@@ -20,41 +20,94 @@ def tiny_configs() -> dict[str, object]:
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=1, pad_token_id=0, initializer_range=0.1)
     return {
         "gpt2": tf.GPT2Config(n_layer=2, n_embd=H, n_head=2, n_inner=FF, n_positions=128, **common),
-        "gptj": tf.GPTJConfig(n_layer=2, n_embd=H, n_head=2, n_inner=FF, rotary_dim=8, n_positions=128, **common),
+        "gptj": tf.GPTJConfig(
+            n_layer=2, n_embd=H, n_head=2, n_inner=FF, rotary_dim=8, n_positions=128, **common
+        ),
         "gpt_neo": tf.GPTNeoConfig(
-            num_layers=2, hidden_size=H, num_heads=2, intermediate_size=FF, attention_types=[[["global", "local"], 1]],
-            max_position_embeddings=128, **common,
+            num_layers=2,
+            hidden_size=H,
+            num_heads=2,
+            intermediate_size=FF,
+            attention_types=[[["global", "local"], 1]],
+            max_position_embeddings=128,
+            **common,
         ),
         "gpt_neox": tf.GPTNeoXConfig(
-            num_hidden_layers=2, hidden_size=H, num_attention_heads=2, intermediate_size=FF, max_position_embeddings=128, **common
+            num_hidden_layers=2,
+            hidden_size=H,
+            num_attention_heads=2,
+            intermediate_size=FF,
+            max_position_embeddings=128,
+            **common,
         ),
         "opt": tf.OPTConfig(
-            num_hidden_layers=2, hidden_size=H, ffn_dim=FF, num_attention_heads=2, word_embed_proj_dim=H,
-            max_position_embeddings=128, **common,
+            num_hidden_layers=2,
+            hidden_size=H,
+            ffn_dim=FF,
+            num_attention_heads=2,
+            word_embed_proj_dim=H,
+            max_position_embeddings=128,
+            **common,
         ),
         "llama": tf.LlamaConfig(
-            num_hidden_layers=2, hidden_size=H, intermediate_size=FF, num_attention_heads=2, num_key_value_heads=1,
-            tie_word_embeddings=True, max_position_embeddings=128, **common,
+            num_hidden_layers=2,
+            hidden_size=H,
+            intermediate_size=FF,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            max_position_embeddings=128,
+            **common,
         ),
         "mistral": tf.MistralConfig(
-            num_hidden_layers=2, hidden_size=H, intermediate_size=FF, num_attention_heads=2, num_key_value_heads=1,
-            max_position_embeddings=128, **common,
+            num_hidden_layers=2,
+            hidden_size=H,
+            intermediate_size=FF,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            **common,
         ),
         "qwen2": tf.Qwen2Config(
-            num_hidden_layers=2, hidden_size=H, intermediate_size=FF, num_attention_heads=2, num_key_value_heads=1,
-            max_position_embeddings=128, **common,
+            num_hidden_layers=2,
+            hidden_size=H,
+            intermediate_size=FF,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            **common,
         ),
         "gemma": tf.GemmaConfig(
-            num_hidden_layers=2, hidden_size=H, intermediate_size=FF, num_attention_heads=2, num_key_value_heads=1,
-            head_dim=16, max_position_embeddings=128, **common,
+            num_hidden_layers=2,
+            hidden_size=H,
+            intermediate_size=FF,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=128,
+            **common,
         ),
         "phi": tf.PhiConfig(
-            num_hidden_layers=2, hidden_size=H, intermediate_size=FF, num_attention_heads=2, max_position_embeddings=128, **common
+            num_hidden_layers=2,
+            hidden_size=H,
+            intermediate_size=FF,
+            num_attention_heads=2,
+            max_position_embeddings=128,
+            **common,
         ),
-        "t5": tf.T5Config(d_model=H, d_ff=FF, d_kv=8, num_layers=2, num_heads=2, decoder_start_token_id=0, **common),
+        "t5": tf.T5Config(
+            d_model=H, d_ff=FF, d_kv=8, num_layers=2, num_heads=2, decoder_start_token_id=0, **common
+        ),
         "bart": tf.BartConfig(
-            d_model=H, encoder_ffn_dim=FF, decoder_ffn_dim=FF, encoder_layers=2, decoder_layers=2,
-            encoder_attention_heads=2, decoder_attention_heads=2, max_position_embeddings=128, **common,
+            d_model=H,
+            encoder_ffn_dim=FF,
+            decoder_ffn_dim=FF,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            max_position_embeddings=128,
+            **common,
         ),
     }
 
@@ -81,7 +134,9 @@ def char_tokenizer() -> tf.PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast = tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
     return fast
 
 

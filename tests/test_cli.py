@@ -1,13 +1,13 @@
-"""The CLI end to end on a tiny local model: eval/edit write what they promise; bad input is one clear line."""
+"""The CLI end to end on a tiny local model: eval/edit write what they promise; bad input gets one line."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from conftest import char_tokenizer, tiny_model
 from typer.testing import CliRunner
 
-from conftest import char_tokenizer, tiny_model
 from modeledit import Patch
 from modeledit.cli import app
 
@@ -26,8 +26,14 @@ def model_dir(tmp_path_factory):
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "edits.jsonl"
     records = [
-        {"prompt": "The capital of {} is", "subject": s, "target_new": t, "target_true": "Paris",
-         "paraphrase_prompts": [f"{s}'s capital city is"], "neighborhood_prompts": ["The capital of France is"]}
+        {
+            "prompt": "The capital of {} is",
+            "subject": s,
+            "target_new": t,
+            "target_true": "Paris",
+            "paraphrase_prompts": [f"{s}'s capital city is"],
+            "neighborhood_prompts": ["The capital of France is"],
+        }
         for s, t in [("Zorbia", "Quux"), ("Ylland", "Blip"), ("Xer", "Mop")]
     ]
     path.write_text("\n".join(json.dumps(r) for r in records))
@@ -37,13 +43,41 @@ def data_file(tmp_path_factory):
 @pytest.mark.parametrize("mode,batch", [("single", 1), ("batch", 2), ("sequential", 1)])
 def test_eval_writes_summary_with_documented_keys(model_dir, data_file, tmp_path, mode, batch):
     out = tmp_path / "out.json"
-    result = runner.invoke(app, [
-        "eval", "--model", str(model_dir), "--method", "ft", "--data", str(data_file), "--mode", mode,
-        "--batch-size", str(batch), "--set", "steps=3", "--out", str(out),
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--method",
+            "ft",
+            "--data",
+            str(data_file),
+            "--mode",
+            mode,
+            "--batch-size",
+            str(batch),
+            "--set",
+            "steps=3",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(out.read_text())["summary"]
-    for key in ("ES", "PS", "NS", "S", "EM", "PM", "NM", "n", "seconds_per_edit", "seconds_fwd_bwd", "edit_cost_ratio"):
+    for key in (
+        "ES",
+        "PS",
+        "NS",
+        "S",
+        "EM",
+        "PM",
+        "NM",
+        "n",
+        "seconds_per_edit",
+        "seconds_fwd_bwd",
+        "edit_cost_ratio",
+    ):
         assert key in summary, key
     assert summary["n"] == 3
     assert 0 <= summary["ES"] <= 100 and summary["seconds_fwd_bwd"] > 0
@@ -51,8 +85,22 @@ def test_eval_writes_summary_with_documented_keys(model_dir, data_file, tmp_path
 
 def test_eval_none_scores_unedited_model(model_dir, data_file, tmp_path):
     out = tmp_path / "none.json"
-    result = runner.invoke(app, ["eval", "--model", str(model_dir), "--method", "none", "--data", str(data_file),
-                                 "--limit", "2", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--method",
+            "none",
+            "--data",
+            str(data_file),
+            "--limit",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["summary"]["n"] == 2 and "seconds_per_edit" not in data["summary"]
@@ -61,20 +109,44 @@ def test_eval_none_scores_unedited_model(model_dir, data_file, tmp_path):
 
 def test_edit_saves_a_loadable_patch(model_dir, tmp_path):
     out = tmp_path / "p.safetensors"
-    result = runner.invoke(app, ["edit", "--model", str(model_dir), "--method", "ft", "--prompt", "The capital of {} is",
-                                 "--subject", "Zorbia", "--target", "Quux", "--set", "steps=2", "--save", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "edit",
+            "--model",
+            str(model_dir),
+            "--method",
+            "ft",
+            "--prompt",
+            "The capital of {} is",
+            "--subject",
+            "Zorbia",
+            "--target",
+            "Quux",
+            "--set",
+            "steps=2",
+            "--save",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert Patch.load(out).method == "ft"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["eval", "--model", "no/such-model-xyz", "--method", "ft", "--data", "DATA"], "unknown model"),
-    (["eval", "--model", "MODEL", "--method", "nope", "--data", "DATA"], "unknown method"),
-    (["eval", "--model", "MODEL", "--method", "ft", "--data", "/no/such/file.json"], "cannot read"),
-    (["eval", "--model", "MODEL", "--method", "ft", "--data", "DATA", "--set", "bogus=1"], "unknown hyperparameter"),
-    (["eval", "--model", "MODEL", "--method", "ft", "--data", "DATA", "--mode", "weird"], "unknown mode"),
-    (["edit", "--model", "MODEL", "--prompt", "Hello", "--target", "  "], "target_new"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["eval", "--model", "no/such-model-xyz", "--method", "ft", "--data", "DATA"], "unknown model"),
+        (["eval", "--model", "MODEL", "--method", "nope", "--data", "DATA"], "unknown method"),
+        (["eval", "--model", "MODEL", "--method", "ft", "--data", "/no/such/file.json"], "cannot read"),
+        (
+            ["eval", "--model", "MODEL", "--method", "ft", "--data", "DATA", "--set", "bogus=1"],
+            "unknown hyperparameter",
+        ),
+        (["eval", "--model", "MODEL", "--method", "ft", "--data", "DATA", "--mode", "weird"], "unknown mode"),
+        (["edit", "--model", "MODEL", "--prompt", "Hello", "--target", "  "], "target_new"),
+    ],
+)
 def test_bad_input_is_one_clear_line(model_dir, data_file, args, message, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = [str(model_dir) if a == "MODEL" else str(data_file) if a == "DATA" else a for a in args]

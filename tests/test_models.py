@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import char_tokenizer, tiny_model
+
 from modeledit import fingerprint, load_model
 from modeledit.models import ModelLoadError
 
@@ -28,7 +28,9 @@ def test_fingerprint_differs_for_other_weights_and_is_cached():
     first = fingerprint(a)
     with torch.no_grad():
         next(a.parameters()).add_(1.0)
-    assert fingerprint(a) == first, "the fingerprint identifies the model as loaded (patches are relative to it)"
+    assert fingerprint(a) == first, (
+        "the fingerprint identifies the model as loaded (patches are relative to it)"
+    )
 
 
 def test_unknown_model_and_file_are_clear_errors(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ DEMO_EDIT = dict(
 DEMO_PROMPTS = {
     "edit prompt": "The mother tongue of Danielle Darrieux is",
     "paraphrase": "Danielle Darrieux's native language is",
+    "neighbour": "Michel Rocard is a native speaker of",
     "unrelated": "The capital of France is",
 }
 
@@ -113,7 +114,7 @@ def demo(
             table.add_column("greedy answer")
             table.add_column(f"P({request.target_new})", justify="right")
             for label, prompt, answer in zip(labels, prompts, answers):
-                table.add_row(label, prompt, answer.strip(), f"{_p_target(model, tokenizer, prompt, request.target_new):.3f}")
+                table.add_row(label, prompt, answer.strip().split("\n")[0], f"{_p_target(model, tokenizer, prompt, request.target_new):.3f}")
             console.print(table)
             return answers
 
@@ -222,7 +223,7 @@ def eval_(
 def train(
     method: str = typer.Argument(..., help="learned editor to train, e.g. mend"),
     data: Path = typer.Option(..., help="training edits (CounterFact / flattened / zsRE, JSON or JSONL)"),
-    out: Path = typer.Option(..., help="folder for the trained editor, curves.png, metrics.json and checkpoints"),
+    out: Path = typer.Option(..., help="folder for the editor, curves.png, metrics.json, checkpoints"),
     model_name: str = typer.Option("default", "--model"),
     val: Path = typer.Option(None, help="validation edits; default: the last --val-size records of --data"),
     val_size: int = typer.Option(100, help="held-out edits for validation"),
@@ -282,7 +283,7 @@ def train(
         config = cls.Config(**{k: v for k, v in overrides.items() if k in method_keys})
         editor = cls.for_training(model, tokenizer, config)
         batches = EditBatches(
-            tokenizer, train_requests, edits_per_batch, train_texts, texts_per_batch, seed=seed, seq2seq=seq2seq
+            tokenizer, train_requests, edits_per_batch, train_texts, texts_per_batch, seed, seq2seq
         )
         val_batches = validation_batches(tokenizer, val_requests, val_texts, texts_per_batch, seq2seq)
         console.print(
@@ -291,7 +292,8 @@ def train(
             highlight=False,
         )
         metrics = train_editor(editor, batches.__getitem__, val_batches, train_config, out, resume=resume)
-        metrics |= {"method": method, "model": model_name, "data": str(data), "hparams": dataclasses.asdict(editor.config)}
+        hparams = dataclasses.asdict(editor.config)
+        metrics |= {"method": method, "model": model_name, "data": str(data), "hparams": hparams}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
         table = Table(title=f"{method}: best validation (step {(metrics['best_val'] or {}).get('step')})")
         table.add_column("metric")

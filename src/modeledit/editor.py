@@ -45,7 +45,9 @@ class Editor:
         seconds = time.perf_counter() - start
         changed = [n for n, p in self.model.named_parameters() if p._version != versions[n]]
         if changed:
-            raise RuntimeError(f"{self.name} changed {changed[:3]} while computing a patch (a bug in the method)")
+            raise RuntimeError(
+                f"{self.name} changed {changed[:3]} while computing a patch (a bug in the method)"
+            )
         return Patch(
             deltas=deltas,
             fingerprint=fingerprint(self.model),

@@ -5,8 +5,8 @@
 - sequential: apply the patches one after another and score every record after the last one (retention).
 
 ``seconds_fwd_bwd`` is one forward+backward of the edit loss (gradients for the MLP matrices of the last
-3 blocks, MEND's setting) measured in the same run, so ``edit_cost_ratio = seconds_per_edit / seconds_fwd_bwd``
-compares methods across machines.
+3 blocks, MEND's setting) measured in the same run, so
+``edit_cost_ratio = seconds_per_edit / seconds_fwd_bwd`` compares methods across machines.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from .requests import EditRequest
 SUMMARY_KEYS = ("ES", "PS", "NS", "S", "EM", "PM", "NM")
 
 
-def time_forward_backward(model: nn.Module, tokenizer, requests: list[EditRequest], repeats: int = 5) -> float:
+def time_forward_backward(
+    model: nn.Module, tokenizer, requests: list[EditRequest], repeats: int = 5
+) -> float:
     """Median seconds of one forward+backward of the edit loss on single edit inputs."""
     names = [f"{m}.weight" for m in architecture(model).last_mlp_linears(3)]
     params = dict(model.named_parameters())
@@ -49,8 +51,8 @@ def _fluency(model: nn.Module, tokenizer, r: EditRequest, max_new_tokens: int) -
     return n_gram_entropy(generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens))
 
 
-def _record_result(model, tokenizer, r: EditRequest, pre: dict, fluency_tokens: int) -> dict:
-    post = record_metrics(score_request(model, tokenizer, r))
+def _record_result(model, tokenizer, r: EditRequest, pre: dict, fluency_tokens: int, edited: bool) -> dict:
+    post = record_metrics(score_request(model, tokenizer, r)) if edited else pre  # unedited: scored already
     result = {"case_id": r.case_id, "pre": pre, "post": post}
     if pre.get("neighborhood_acc") is not None:
         result["drawdown_acc"] = pre["neighborhood_acc"] - post["neighborhood_acc"]
@@ -79,7 +81,10 @@ def evaluate(
     if batch_size < 1:
         raise ValueError("batch size must be at least 1")
     chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
-    pre = {id(r): record_metrics(score_request(model, tokenizer, r)) for r in tqdm(requests, desc="scoring before", disable=not progress)}
+    pre = {
+        id(r): record_metrics(score_request(model, tokenizer, r))
+        for r in tqdm(requests, desc="scoring before", disable=not progress)
+    }
     edit_seconds: list[float] = []
     results: list[dict] = []
     bar = tqdm(chunks, desc=f"{editor.name if editor else 'none'} ({mode})", disable=not progress)
@@ -91,13 +96,16 @@ def evaluate(
                 edit_seconds.append(time.perf_counter() - start)
                 patch.apply(model)
             if mode != "sequential":
-                results += [_record_result(model, tokenizer, r, pre[id(r)], fluency_tokens) for r in chunk]
+                results += [
+                    _record_result(model, tokenizer, r, pre[id(r)], fluency_tokens, editor is not None)
+                    for r in chunk
+                ]
                 if editor is not None:
                     patch.revert(model)
                 bar.set_postfix(_running(results))
         if mode == "sequential":
             results = [
-                _record_result(model, tokenizer, r, pre[id(r)], fluency_tokens)
+                _record_result(model, tokenizer, r, pre[id(r)], fluency_tokens, editor is not None)
                 for r in tqdm(requests, desc="scoring after the last edit", disable=not progress)
             ]
     finally:

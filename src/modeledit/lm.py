@@ -1,7 +1,8 @@
 """Teacher-forced scoring of targets after prompts: the one loss every method and metric uses.
 
-A target is scored as ROME does: the tokens of ``" " + target`` appended to the prompt's tokens (decoder-only),
-or the target as the decoder's labels (seq2seq). Batches are right-padded; ``labels`` is -100 outside targets.
+A target is scored as ROME does: the tokens of ``" " + target`` appended to the prompt's tokens
+(decoder-only), or the target as the decoder's labels (seq2seq). Batches are right-padded; ``labels`` is
+-100 outside targets.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ def is_seq2seq(model: nn.Module) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
-def target_batch(tokenizer, prompts: list[str], targets: list[str], seq2seq: bool = False) -> dict[str, torch.Tensor]:
+def target_batch(
+    tokenizer, prompts: list[str], targets: list[str], seq2seq: bool = False
+) -> dict[str, torch.Tensor]:
     """A right-padded batch scoring ``targets[i]`` after ``prompts[i]``.
 
     Keys: input_ids, attention_mask, labels (target ids at the positions that *predict* them are found
@@ -114,7 +117,9 @@ def mean_nll(
     return -(logp.sum(-1) / mask.sum(-1).clamp(min=1))
 
 
-def kl_on_positions(logits_before: torch.Tensor, logits_after: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def kl_on_positions(
+    logits_before: torch.Tensor, logits_after: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Mean over masked positions of KL(p_before || p_after): the locality penalty of FT+KL and MEND."""
     logp_before = F.log_softmax(logits_before.float(), -1)
     logp_after = F.log_softmax(logits_after.float(), -1)

@@ -63,7 +63,9 @@ def score_request(model: nn.Module, tokenizer, r: EditRequest) -> dict:
         pairs.append(("neighborhood", "new", p, r.target_new))
         pairs.append(("neighborhood", "true", p, answer))
     scored = score_pairs(model, tokenizer, [p[2] for p in pairs], [p[3] for p in pairs])
-    out: dict[str, dict[str, list]] = {g: {"new": [], "true": []} for g in ("rewrite", "paraphrase", "neighborhood")}
+    out: dict[str, dict[str, list]] = {
+        g: {"new": [], "true": []} for g in ("rewrite", "paraphrase", "neighborhood")
+    }
     for (group, kind, _, _), s in zip(pairs, scored):
         out[group][kind].append(s)
     return out
@@ -106,11 +108,13 @@ def summarize(records: list[dict[str, float | None]]) -> dict[str, float | None]
     return summary
 
 
-# -- fluency ---------------------------------------------------------------------------------------------------
+# -- fluency -------------------------------------------------------------------------------------------
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
-def n_gram_entropy(texts: list[str], ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:
+def n_gram_entropy(
+    texts: list[str], ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)
+) -> float:
     """ROME's fluency: per text, weighted mean over n of the entropy (bits) of its n-gram distribution;
     then the mean over texts."""
     per_text = []

@@ -122,7 +122,9 @@ def load_model(name: str = "default", device: str = "cpu"):
     elif Path(name).is_dir():
         model, tokenizer = _load_dir(name)
     elif Path(name).exists():
-        raise ModelLoadError(f"{name} is a file; give a model directory, a hub id, or one of {list(OFFLINE_MODELS)}")
+        raise ModelLoadError(
+            f"{name} is a file; give a model directory, a hub id, or one of {list(OFFLINE_MODELS)}"
+        )
     else:
         try:
             model, tokenizer = _load_dir(name)

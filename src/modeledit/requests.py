@@ -68,30 +68,43 @@ class EditRequest:
                 raise EditRequestError(f"{self._where(name)} must be a non-empty string, got {value!r}")
         if self.target_true is not None and not str(self.target_true).strip():
             raise EditRequestError(f"{self._where('target_true')} is empty")
-        for name in ("paraphrase_prompts", "neighborhood_prompts", "neighborhood_answers", "generation_prompts"):
+        for name in (
+            "paraphrase_prompts",
+            "neighborhood_prompts",
+            "neighborhood_answers",
+            "generation_prompts",
+        ):
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
                 raise EditRequestError(f"{self._where(name)} must be a list of non-empty strings")
         if self.neighborhood_answers and len(self.neighborhood_answers) != len(self.neighborhood_prompts):
-            raise EditRequestError(f"{self._where('neighborhood_answers')} needs one answer per neighbourhood prompt")
+            raise EditRequestError(
+                f"{self._where('neighborhood_answers')} needs one answer per neighbourhood prompt"
+            )
         if "{}" in self.prompt and not self.subject:
-            raise EditRequestError(f"{self._where('subject')} the prompt is a template with {{}} but no subject is given")
+            raise EditRequestError(
+                f"{self._where('subject')} the prompt is a template with {{}} but no subject is given"
+            )
         if needs_subject:
             if not self.subject or not self.subject.strip():
                 raise EditRequestError(f"{self._where('subject')} this method needs the subject")
             if "{}" not in self.prompt and self.subject not in self.prompt:
-                raise EditRequestError(f"{self._where('subject')} {self.subject!r} does not occur in the prompt")
+                raise EditRequestError(
+                    f"{self._where('subject')} {self.subject!r} does not occur in the prompt"
+                )
         if tokenizer is not None and max_length is not None:
             for name, texts in (("prompt", [self.text]), ("paraphrase_prompts", self.paraphrase_prompts)):
                 for text in texts:
                     n = len(tokenizer(text + " " + self.target_new)["input_ids"])
                     if n > max_length:
                         raise EditRequestError(
-                            f"{self._where(name)} is {n} tokens with its target, longer than the model context ({max_length})"
+                            f"{self._where(name)} is {n} tokens with its target, "
+                            f"longer than the model context ({max_length})"
                         )
 
 
 # -- readers -------------------------------------------------------------------------------------------------
+
 
 def _as_list(value) -> list[str]:
     if value is None or value == "":

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from modeledit import EditRequest, create_editor
 from modeledit.lm import aligned_logits, kl_on_positions, mean_nll, target_batch, text_batch
 from modeledit.locality import default_locality_texts
@@ -28,7 +28,9 @@ def test_edit_lowers_target_nll_without_mutating_model(method, arch, tokenizer):
     )
     before = target_nll(model, tokenizer)
     patch = editor.edit([REQUEST])
-    assert all(torch.equal(before_weights[n], p) for n, p in model.named_parameters()), "edit() mutated the model"
+    assert all(torch.equal(before_weights[n], p) for n, p in model.named_parameters()), (
+        "edit() mutated the model"
+    )
     patch.apply(model)
     assert target_nll(model, tokenizer) < before - 0.5
     patch.revert(model)
@@ -39,7 +41,7 @@ def test_ft_l_respects_linf_constraint_and_trains_one_matrix(tokenizer):
     model = tiny_model("llama")
     patch = create_editor("ft-l", model, tokenizer, lr=1e-1, steps=5, norm_constraint=1e-3).edit([REQUEST])
     assert len(patch.deltas) == 1
-    (name, delta), = patch.deltas.items()
+    ((name, delta),) = patch.deltas.items()
     assert name.endswith("mlp.down_proj.weight")
     assert delta.abs().max() <= 1e-3 + 1e-9
     assert delta.abs().max() > 0
@@ -61,7 +63,9 @@ def test_ft_kl_keeps_unrelated_text_closer_than_ft(tokenizer):
         model = tiny_model("llama")
         with torch.no_grad():
             before, labels = aligned_logits(model, batch)
-        patch = create_editor(method, model, tokenizer, lr=3e-2, steps=15, stop_nll=0.0, locality_texts=texts).edit([REQUEST])
+        patch = create_editor(
+            method, model, tokenizer, lr=3e-2, steps=15, stop_nll=0.0, locality_texts=texts
+        ).edit([REQUEST])
         patch.apply(model)
         with torch.no_grad():
             after, _ = aligned_logits(model, batch)
@@ -80,7 +84,9 @@ def test_unknown_hyperparameter_is_a_clear_error(tokenizer):
 @pytest.mark.parametrize("method", ["ft", "ft-l", "ft-kl"])
 def test_each_ft_editor_moves_a_fact_on_the_default_model(method, default_model):
     model, tokenizer = default_model
-    request = EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English")
+    request = EditRequest(
+        prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English"
+    )
     pairs = target_batch(tokenizer, [request.text] * 2, ["English", "French"])
     before = mean_nll(model, pairs)
     assert before[1] < before[0], "the model should prefer the true answer before the edit"

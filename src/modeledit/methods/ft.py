@@ -37,12 +37,13 @@ class FTConfig:
 
 @dataclass
 class FTLConfig(FTConfig):
-    """ROME's FT+L: one MLP output projection, L-inf constraint. Layer chosen for the default model (see README)."""
+    """ROME's FT+L: one MLP output projection with an L-inf bound on its change (tuned: see README)."""
 
-    layers: list[int] | None = field(default=None)  # None: the block at 30% of the depth
+    layers: list[int] | None = field(default=None)  # None: the block at 15% of the depth
     only_mlp_out: bool = True
-    lr: float = 5e-4
-    norm_constraint: float | None = 5e-4
+    # ROME used 5e-4 on GPT-2 XL, whose weights are ~10x smaller than SmolLM2's (std 0.19): scaled up.
+    lr: float = 5e-3
+    norm_constraint: float | None = 5e-3
 
 
 @dataclass
@@ -81,7 +82,9 @@ class FineTune(Editor):
         deltas = {n: torch.zeros_like(w, requires_grad=True) for n, w in base.items()}
         opt = torch.optim.Adam(deltas.values(), lr=c.lr)
         seq2seq = self.arch.is_seq2seq
-        batch = target_batch(self.tokenizer, [r.text for r in requests], [r.target_new for r in requests], seq2seq)
+        batch = target_batch(
+            self.tokenizer, [r.text for r in requests], [r.target_new for r in requests], seq2seq
+        )
         if c.kl_weight > 0:
             loc = text_batch(self.tokenizer, c.locality_texts or default_locality_texts())
             with torch.no_grad():
@@ -112,7 +115,9 @@ class FineTuneL(FineTune):
     Config = FTLConfig
 
     def default_layers(self) -> list[int]:
-        return [round(0.3 * (self.arch.num_layers - 1))]
+        # An early MLP, where ROME's causal tracing finds factual recall at the subject's last token.
+        # On the default model (30 blocks -> block 4) this kept neighbours intact better than block 9 or 15.
+        return [round(0.15 * (self.arch.num_layers - 1))]
 
 
 @register
