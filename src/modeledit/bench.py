@@ -1,0 +1,171 @@
+"""Benchmarks: every method's quality, speed and memory on the same records, as tables and plots.
+
+Each method runs ``modeledit eval`` in its own process, so the peak RSS reported is that method's alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+SUITES: dict[str, dict] = {
+    # quick: a smoke run of every method, under 10 minutes on 2 cores
+    "quick": {"limit": 10, "fluency_tokens": 0},
+    # full: the README's table
+    "full": {"limit": 100, "fluency_tokens": 40},
+}
+COLUMNS = ("ES", "PS", "NS", "S", "EM", "PM", "NM", "fluency", "seconds_per_edit", "edit_cost_ratio")
+QUALITY = ("ES", "PS", "NS")
+
+
+def _eval_command(
+    model: str, method: str, data: str, offset: int, limit: int, fluency: int, out: Path
+) -> list[str]:
+    return [
+        sys.executable, "-m", "modeledit.cli", "eval", "--model", model, "--method", method, "--data", data,
+        "--offset", str(offset), "--limit", str(limit), "--fluency-tokens", str(fluency), "--out", str(out),
+    ]  # fmt: skip
+
+
+def run_method(command: list[str], log_path: Path) -> tuple[int, float]:
+    """Run one eval process; return its exit status and its own peak RSS in MB."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024  # Linux reports kilobytes
+
+
+def _last_line(path: Path) -> str:
+    lines = [
+        ln.strip() for ln in path.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()
+    ]
+    return lines[-1] if lines else "no output"
+
+
+def run_bench(
+    model: str, methods: list[str], data: str, out_dir: Path, suite: str = "quick",
+    offset: int = 0, limit: int | None = None,
+) -> dict:  # fmt: skip
+    """Evaluate the unedited model and each method on the same records; write results.json/.md and plots."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}: use {' or '.join(SUITES)}")
+    settings = SUITES[suite]
+    limit = limit if limit is not None else settings["limit"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict] = {}
+    for method in tqdm(["none", *methods], desc=f"bench {suite}"):
+        out = out_dir / f"{method}.json"
+        command = _eval_command(model, method, data, offset, limit, settings["fluency_tokens"], out)
+        status, rss = run_method(command, out_dir / f"{method}.log")
+        if status != 0 or not out.exists():
+            rows[method] = {"error": _last_line(out_dir / f"{method}.log"), "peak_rss_mb": rss}
+            continue
+        rows[method] = json.loads(out.read_text())["summary"] | {"peak_rss_mb": rss}
+    results = {
+        "suite": suite,
+        "model": model,
+        "data": data,
+        "offset": offset,
+        "limit": limit,
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "command": "modeledit " + shlex.join(sys.argv[1:]) if sys.argv and "bench" in sys.argv else "",
+        "methods": rows,
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "results.md").write_text(markdown(results))
+    plot(results, out_dir)
+    return results
+
+
+def _fmt(value, key: str) -> str:
+    if value is None:
+        return "-"
+    if key == "seconds_per_edit":
+        return f"{value:.2f}"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def markdown(results: dict) -> str:
+    rows = results["methods"]
+    head = ["method", *COLUMNS, "peak RSS (MB)"]
+    lines = [
+        f"Model `{results['model']}`, data `{results['data']}` records {results['offset']}-"
+        f"{results['offset'] + results['limit'] - 1}, suite `{results['suite']}`, {results['date']}, "
+        f"{results['machine']}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for method, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {method} | not available: {row['error']} |" + " |" * (len(head) - 2))
+            continue
+        cells = [_fmt(row.get(k), k) for k in COLUMNS] + [f"{row['peak_rss_mb']:.0f}"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    timed = [r for r in rows.values() if "seconds_fwd_bwd" in r]
+    if timed:
+        fwd_bwd = sum(r["seconds_fwd_bwd"] for r in timed) / len(timed)
+        fwd = sum(r["seconds_fwd"] for r in timed) / len(timed)
+        lines += [
+            "",
+            f"Lower bounds on this machine: one forward+backward of the edit input {fwd_bwd:.3f} s "
+            f"(gradient-based editors cannot do better), one forward pass {fwd:.3f} s "
+            "(memory-based editors).",
+        ]
+    if results.get("command"):
+        lines += ["", f"Command: `{results['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, out_dir: Path) -> list[Path]:
+    """quality.png: ES/PS/NS per method; speed.png: seconds per edit (log) with the lower bounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = {m: r for m, r in results["methods"].items() if "error" not in r}
+    names = list(rows)
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    for i, key in enumerate(QUALITY):
+        ax.bar(x + (i - 1) * 0.27, [rows[m].get(key) or 0 for m in names], 0.27, label=key)
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("score (x100)")
+    ax.set_title(f"Edit quality, {results['model']}, {results['limit']} records")
+    ax.legend(ncols=3, loc="lower right")
+    fig.tight_layout()
+    paths = [out_dir / "quality.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    timed = [m for m in names if rows[m].get("seconds_per_edit")]
+    if timed:
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(timed)), 4))
+        ax.bar(timed, [rows[m]["seconds_per_edit"] for m in timed], color="tab:gray")
+        ax.set_yscale("log")
+        fwd_bwd = np.mean([rows[m]["seconds_fwd_bwd"] for m in timed])
+        fwd = np.mean([rows[m]["seconds_fwd"] for m in timed])
+        ax.axhline(fwd_bwd, color="tab:red", linestyle="--", label=f"one forward+backward ({fwd_bwd:.3f} s)")
+        ax.axhline(fwd, color="tab:blue", linestyle=":", label=f"one forward ({fwd:.3f} s)")
+        ax.set_ylabel("seconds per edit (log)")
+        ax.set_title("Edit speed")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out_dir / "speed.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths

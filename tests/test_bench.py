@@ -1,0 +1,47 @@
+"""The benchmark harness on a tiny model and two methods: every promised file, with the documented keys."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import char_tokenizer, tiny_model
+from typer.testing import CliRunner
+
+from modeledit.cli import app
+
+
+def test_bench_writes_results_tables_and_plots(tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_model("gpt2").save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "edits.jsonl"
+    record = {"prompt": "The capital of {} is", "target_true": "Paris", "neighborhood_prompts": ["Paris is in"]}
+    edits = [record | {"subject": s, "target_new": t, "paraphrase_prompts": [f"{s} has the capital"]}
+             for s, t in [("Zorbia", "Quux"), ("Ylland", "Blip")]]  # fmt: skip
+    data.write_text("\n".join(json.dumps(e) for e in edits))
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(
+        app,
+        ["bench", "--model", str(model_dir), "--methods", "ft,ft-l", "--data", str(data), "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"none", "ft", "ft-l"}
+    for method in ("ft", "ft-l"):
+        row = results["methods"][method]
+        for key in ("ES", "PS", "NS", "S", "EM", "PM", "NM", "seconds_per_edit", "edit_cost_ratio",
+                    "seconds_fwd_bwd", "seconds_fwd", "peak_rss_mb"):  # fmt: skip
+            assert key in row, (method, key)
+        assert row["peak_rss_mb"] > 50  # the child process's own peak: a python with torch loaded
+        assert row["n"] == 2
+    table = (out / "results.md").read_text()
+    assert "| ft-l |" in table and "Lower bounds" in table
+    for png in ("quality.png", "speed.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_unknown_method_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(
+        app, ["bench", "--methods", "nope", "--data", __file__, "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "unknown method" in result.output
