@@ -15,7 +15,7 @@ def test_bench_writes_results_tables_and_plots(tmp_path):
     tiny_model("gpt2").save_pretrained(model_dir)
     char_tokenizer().save_pretrained(model_dir)
     data = tmp_path / "edits.jsonl"
-    record = {"prompt": "The capital of {} is", "target_true": "Paris", "neighborhood_prompts": ["Paris is in"]}
+    record = {"prompt": "The capital of {} is", "target_true": "Paris", "neighborhood_prompts": ["X is in"]}
     edits = [record | {"subject": s, "target_new": t, "paraphrase_prompts": [f"{s} has the capital"]}
              for s, t in [("Zorbia", "Quux"), ("Ylland", "Blip")]]  # fmt: skip
     data.write_text("\n".join(json.dumps(e) for e in edits))
