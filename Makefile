@@ -31,3 +31,14 @@ lint: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
+
+# Headless Chromium for tests/test_browser.py (Debian packages; no browser download). CI calls this before
+# `make test`: with CI=true the browser test fails, never skips, when Chromium is missing.
+.PHONY: browser-deps
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "chromium and chromedriver are installed"; \
+	else \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			chromium chromium-driver; \
+	fi

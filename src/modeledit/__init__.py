@@ -9,6 +9,7 @@
 """
 
 from .editor import available_methods, create_editor
+from .ledger import Ledger
 from .models import fingerprint, load_model
 from .patch import Patch, PatchError
 from .requests import EditRequest, EditRequestError, load_requests
@@ -16,6 +17,7 @@ from .requests import EditRequest, EditRequestError, load_requests
 __all__ = [
     "EditRequest",
     "EditRequestError",
+    "Ledger",
     "Patch",
     "PatchError",
     "available_methods",

@@ -11,7 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Edit pre-trained neural networks locally.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Edit pre-trained neural networks locally."
+)
 console = Console()
 
 DEMO_EDIT = dict(
@@ -86,8 +88,14 @@ def methods() -> None:
 
     for name in available_methods():
         cls = EDITORS[name]
-        fields = ", ".join(f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name for f in dataclasses.fields(cls.Config))
-        console.print(f"[bold]{name}[/]: {(cls.Config.__doc__ or '').strip().splitlines()[0]}\n  {fields}", highlight=False)
+        fields = ", ".join(
+            f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
+            for f in dataclasses.fields(cls.Config)
+        )
+        console.print(
+            f"[bold]{name}[/]: {(cls.Config.__doc__ or '').strip().splitlines()[0]}\n  {fields}",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -114,7 +122,12 @@ def demo(
             table.add_column("greedy answer")
             table.add_column(f"P({request.target_new})", justify="right")
             for label, prompt, answer in zip(labels, prompts, answers):
-                table.add_row(label, prompt, answer.strip().split("\n")[0], f"{_p_target(model, tokenizer, prompt, request.target_new):.3f}")
+                table.add_row(
+                    label,
+                    prompt,
+                    answer.strip().split("\n")[0],
+                    f"{_p_target(model, tokenizer, prompt, request.target_new):.3f}",
+                )
             console.print(table)
             return answers
 
@@ -182,14 +195,18 @@ def edit(
 
 @app.command("eval")
 def eval_(
-    data: Path = typer.Option(..., help="CounterFact / flattened CounterFact / zsRE / EditRequest JSON or JSONL"),
+    data: Path = typer.Option(
+        ..., help="CounterFact / flattened CounterFact / zsRE / EditRequest JSON or JSONL"
+    ),
     method: str = typer.Option(..., help="editing method, or 'none' for the unedited model"),
     model_name: str = typer.Option("default", "--model"),
     offset: int = typer.Option(0),
     limit: int = typer.Option(None),
     mode: str = typer.Option("single", help="single | batch | sequential"),
     batch_size: int = typer.Option(1),
-    fluency_tokens: int = typer.Option(0, help="generate this many tokens per record for ROME's fluency (0: off)"),
+    fluency_tokens: int = typer.Option(
+        0, help="generate this many tokens per record for ROME's fluency (0: off)"
+    ),
     set_: list[str] = typer.Option([], "--set", help="hyperparameter override KEY=VALUE (repeatable)"),
     out: Path = typer.Option(None, help="write summary and per-record results as JSON"),
 ) -> None:
@@ -202,14 +219,26 @@ def eval_(
 
         requests = load_requests(data, offset=offset, limit=limit)
         model, tokenizer = _load(model_name)
-        editor = None if method == "none" else create_editor(method, model, tokenizer, **_parse_overrides(set_))
-        result = evaluate(model, tokenizer, editor, requests, mode=mode, batch_size=batch_size, fluency_tokens=fluency_tokens)
+        editor = (
+            None if method == "none" else create_editor(method, model, tokenizer, **_parse_overrides(set_))
+        )
+        result = evaluate(
+            model,
+            tokenizer,
+            editor,
+            requests,
+            mode=mode,
+            batch_size=batch_size,
+            fluency_tokens=fluency_tokens,
+        )
         result |= {"model": model_name, "data": str(data), "offset": offset}
         table = Table(title=f"{result['method']} on {data.name} [{offset}:{offset + len(requests)}], {mode}")
         table.add_column("metric")
         table.add_column("value", justify="right")
         for key, value in result["summary"].items():
-            table.add_row(key, "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
+            table.add_row(
+                key, "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+            )
         console.print(table)
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -306,6 +335,299 @@ def train(
             f"peak RSS {metrics['peak_rss_mb']:.0f} MB; editor, curves.png and metrics.json in {out}",
             highlight=False,
         )
+
+    _run(body)
+
+
+@app.command()
+def bench(
+    out: Path = typer.Option(..., help="folder for results.json, results.md, quality.png, speed.png, logs"),
+    suite: str = typer.Option(
+        "quick", help="quick (10 records, minutes) | full (100 records, the README table)"
+    ),
+    methods_: str = typer.Option(None, "--methods", help="comma-separated methods (default: all available)"),
+    data: Path = typer.Option(
+        Path("../shared/data/counterfact/dev.json"), help="any CounterFact / zsRE file"
+    ),
+    model_name: str = typer.Option("default", "--model"),
+    offset: int = typer.Option(0),
+    limit: int = typer.Option(None, help="records (default: the suite's)"),
+    update_benchmarks: bool = typer.Option(False, help="also write BENCHMARKS.md and docs/bench/*.png"),
+) -> None:
+    """Run eval for every method on the same records (one process each) and tabulate and plot the results."""
+
+    def body():
+        import shutil
+
+        from .bench import run_bench
+        from .editor import available_methods
+
+        if not data.exists():
+            raise ValueError(f"cannot read {data}: no such file")
+        names = [m.strip() for m in methods_.split(",") if m.strip()] if methods_ else available_methods()
+        unknown = set(names) - set(available_methods())
+        if unknown:
+            raise ValueError(
+                f"unknown method(s) {sorted(unknown)}; available: {', '.join(available_methods())}"
+            )
+        results = run_bench(model_name, names, str(data), out, suite, offset, limit)
+        console.print((out / "results.md").read_text(), highlight=False)
+        failed = [m for m, row in results["methods"].items() if "error" in row]
+        if failed:
+            console.print(f"[yellow]not available:[/] {', '.join(failed)} (see their logs in {out})")
+        if update_benchmarks:
+            docs = Path("docs/bench")
+            docs.mkdir(parents=True, exist_ok=True)
+            for png in ("quality.png", "speed.png"):
+                if (out / png).exists():
+                    shutil.copy(out / png, docs / png)
+            text = "# Benchmarks\n\n" + (out / "results.md").read_text()
+            text += "\n![quality](docs/bench/quality.png)\n\n![speed](docs/bench/speed.png)\n"
+            Path("BENCHMARKS.md").write_text(text)
+            console.print("wrote BENCHMARKS.md and docs/bench/")
+
+    _run(body)
+
+
+
+# -- the edit ledger and the service ----------------------------------------------------------------------
+
+ledger_app = typer.Typer(
+    no_args_is_help=True, help="The edit ledger (SQLite): list, show, revert, replay, export, import."
+)
+app.add_typer(ledger_app, name="ledger")
+DB_OPTION = typer.Option(..., "--db", help="the ledger database file")
+
+
+def _open_ledger(db: Path, create: bool = False):
+    from .ledger import Ledger, LedgerError
+
+    if not create and not db.is_file():
+        raise LedgerError(f"no ledger database at {db}")
+    return Ledger(db)
+
+
+def _p(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+@ledger_app.command("list")
+def ledger_list(
+    db: Path = DB_OPTION,
+    state: str = typer.Option(None, help="only edits in this state: pending, applied, reverted, aborted"),
+) -> None:
+    """The edits, oldest first, with P(new target) before and after (`ledger show` has the answers)."""
+
+    def body():
+        with _open_ledger(db) as ledger:
+            entries = ledger.entries(state)
+        table = Table(title=f"{len(entries)} edits in {db}", title_justify="left")
+        table.add_column("id", no_wrap=True)
+        for col in ("created (UTC)", "state", "method", "edit", "P(new) before -> after"):
+            table.add_column(col)
+        for e in entries:
+            m = ((e.metrics or {}).get("requests") or [{}])[0]
+            table.add_row(
+                e.id,
+                e.created_at[:19].replace("T", " "),
+                e.state,
+                e.method,
+                e.summary(),
+                f"{_p(m.get('p_new_before'))} -> {_p(m.get('p_new_after'))}" if m else "",
+            )
+        console.print(table)
+
+    _run(body)
+
+
+@ledger_app.command("show")
+def ledger_show(
+    edit_id: str = typer.Argument(..., help="edit id (or a unique prefix)"), db: Path = DB_OPTION
+) -> None:
+    """One edit as JSON: method, hyperparameters, requests, metrics, patch file and hash, events."""
+
+    def body():
+        with _open_ledger(db) as ledger:
+            entry = ledger.get(edit_id)
+            data = entry.to_dict() | {"events": ledger.events(entry.id)}
+        typer.echo(json.dumps(data, indent=1))
+
+    _run(body)
+
+
+@ledger_app.command("revert")
+def ledger_revert(
+    edit_id: str = typer.Argument(..., help="edit id (or a unique prefix)"), db: Path = DB_OPTION
+) -> None:
+    """Revert any applied edit (one transaction); weights follow as base + the remaining edits."""
+
+    def body():
+        with _open_ledger(db) as ledger:
+            entry = ledger.revert(edit_id)
+            remaining = len(ledger.entries("applied"))
+        console.print(
+            f"reverted {entry.id} ({entry.summary()}); {remaining} edits remain applied. A running server "
+            "re-derives its weights on its next request; `modeledit ledger replay` shows the result.",
+            highlight=False,
+        )
+
+    _run(body)
+
+
+@ledger_app.command("replay")
+def ledger_replay(
+    db: Path = DB_OPTION,
+    model_name: str = typer.Option("default", "--model", help="the base model the edits were made on"),
+    out: Path = typer.Option(None, help="save the edited model (and tokenizer) to this folder"),
+) -> None:
+    """Apply the applied edits to the base model, in order; print a digest of the resulting weights."""
+
+    def body():
+        from .ledger import weights_digest
+
+        with _open_ledger(db) as ledger:
+            model, tokenizer = _load(model_name)
+            entries = ledger.replay(model)
+        console.print(
+            f"replayed {len(entries)} edits onto {model_name!r}; weights digest {weights_digest(model)}",
+            highlight=False,
+        )
+        if out:
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            console.print(f"saved the edited model to {out}")
+
+    _run(body)
+
+
+@ledger_app.command("export")
+def ledger_export(
+    db: Path = DB_OPTION, out: Path = typer.Option(..., help="new folder for ledger.json and patches/")
+) -> None:
+    """Copy the applied and reverted edits, with their patch files, to a folder."""
+
+    def body():
+        with _open_ledger(db) as ledger:
+            manifest = ledger.export(out)
+            n = len(json.loads(manifest.read_text())["entries"])
+        console.print(f"exported {n} edits to {out}")
+
+    _run(body)
+
+
+@ledger_app.command("import")
+def ledger_import(
+    source: Path = typer.Argument(..., help="a folder written by `ledger export` (or its ledger.json)"),
+    db: Path = DB_OPTION,
+) -> None:
+    """Append the edits of an export to a ledger (created if missing); ids already present are skipped."""
+
+    def body():
+        with _open_ledger(db, create=True) as ledger:
+            imported, skipped = ledger.import_(source)
+        console.print(f"imported {len(imported)} edits into {db}; skipped {len(skipped)} already present")
+
+    _run(body)
+
+
+@app.command()
+def serve(
+    model_name: str = typer.Option("default", "--model", help="the base model"),
+    db: Path = typer.Option(..., help="the ledger database (created if missing); replayed on start"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on; beyond loopback needs a token"),
+    port: int = typer.Option(8000),
+    max_new_tokens: int = typer.Option(128, help="upper bound of max_new_tokens per request"),
+) -> None:
+    """Serve the model and its ledger over HTTP with a web page (write endpoints need MODELEDIT_API_TOKEN)."""
+
+    def body():
+        import os
+
+        from .server import TOKEN_ENV, Limits, check_bind
+        from .server import serve as run_server
+
+        token = os.environ.get(TOKEN_ENV) or None
+        check_bind(host, token)  # before the model is loaded
+        if max_new_tokens < 1:
+            raise ValueError("--max-new-tokens must be at least 1")
+        model, tokenizer = _load(model_name)
+        if token is None:
+            console.print(f"[yellow]note:[/] {TOKEN_ENV} is not set: write endpoints are open on {host}")
+        console.print(f"serving {model_name!r} with ledger {db} on http://{host}:{port}/", highlight=False)
+        limits = Limits(max_new_tokens=max_new_tokens)
+        run_server(model, tokenizer, db, host, port, token=token, limits=limits)
+
+    _run(body)
+
+
+@app.command()
+def stats(
+    layers: list[int] = typer.Option(..., "--layers", help="blocks whose MLP keys to measure (repeatable)"),
+    text: str = typer.Option(
+        None, help="a .txt/.json/.jsonl file, or hf:NAME[:CONFIG]; default: text sampled from the model"
+    ),
+    model_name: str = typer.Option("default", "--model"),
+    tokens: int = typer.Option(100_000, help="token budget"),
+    max_length: int = typer.Option(256, help="tokens per text chunk"),
+    batch_size: int = typer.Option(8, help="chunks per forward pass"),
+    seed: int = typer.Option(0, help="shuffling of the texts / sampling of the fallback text"),
+) -> None:
+    """Second moments E[k k^T] of MLP keys (ROME, MEMIT, AlphaEdit), cached per model/layer/source/budget."""
+
+    def body():
+        from .stats import second_moments
+
+        model, tokenizer = _load(model_name)
+        start = time.perf_counter()
+        found = second_moments(model, tokenizer, list(layers), text, tokens, max_length, batch_size, seed)
+        table = Table(title=f"key statistics ({time.perf_counter() - start:.1f} s)")
+        for col in ("layer", "module", "tokens", "cached", "source", "file"):
+            table.add_column(col)
+        for layer, m in sorted(found.items()):
+            cached = "yes" if m.cached else "no"
+            table.add_row(str(layer), m.module, str(m.tokens), cached, m.source, str(m.path))
+        console.print(table)
+
+    _run(body)
+
+
+@app.command()
+def trace(
+    prompt: str = typer.Option(..., help="prompt containing the subject, or with {} for it"),
+    subject: str = typer.Option(..., help="the subject whose embeddings are corrupted"),
+    answer: str = typer.Option(None, help="answer to track (default: the model's own next token)"),
+    model_name: str = typer.Option("default", "--model"),
+    kind: list[str] = typer.Option(["hidden", "mlp", "attn"], help="hidden | mlp | attn (repeatable)"),
+    samples: int = typer.Option(10, help="noise draws per restored state"),
+    noise: float = typer.Option(3.0, help="noise std as a multiple of the embedding std"),
+    window: int = typer.Option(None, help="layers restored together for mlp/attn (default: depth / 10)"),
+    out: Path = typer.Option(Path("trace"), help="folder for <kind>.png and <kind>.json"),
+    default_layer: bool = typer.Option(False, "--default-layer", help="also print the automatic edit layer"),
+) -> None:
+    """ROME's causal tracing: heat maps of where the model's answer is carried (PNG + JSON)."""
+
+    def body():
+        from .trace import causal_trace
+        from .trace import default_layer as choose_layer
+
+        model, tokenizer = _load(model_name)
+        for k in kind:
+            result = causal_trace(model, tokenizer, prompt, subject, answer, k, window, samples, noise)
+            png, js = result.plot(out / f"{k}.png"), result.save_json(out / f"{k}.json")
+            scores = result.scores
+            cells = [(i, j) for i in range(len(scores)) for j in range(len(scores[0]))]
+            layer, token = max(cells, key=lambda ij: scores[ij[0]][ij[1]])
+            console.print(
+                f"{k}: p({result.answer.strip()!r}) clean {result.p_high:.3f}, corrupted {result.p_low:.3f}; "
+                f"strongest restoration {scores[layer][token]:.3f} at layer {layer}, "
+                f"token {result.tokens[token]!r}; wrote {png} and {js}",
+                highlight=False,
+            )
+        if default_layer:
+            choice = choose_layer(model, tokenizer)
+            console.print(
+                f"automatic edit layer: {choice.layer} (from {choice.how}, {choice.facts} known facts)"
+            )
 
     _run(body)
 

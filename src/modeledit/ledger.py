@@ -1,0 +1,692 @@
+"""The edit ledger: a persistent, crash-safe history of the edits applied to a model (SQLite, WAL).
+
+Every edit is one row: id, times, the model's fingerprint, method and hyperparameters, the request(s),
+metrics measured when it was applied (P(target) and the greedy answer before and after), its state, and
+its patch, a safetensors file next to the database (``<db>.patches/<id>.safetensors``) whose SHA-256 is
+in the row and checked on every load.
+
+The database is the source of truth and the weights are derived from it: the weights of a model are
+always ``base + the applied patches in ledger order`` (``Patch.apply`` / ``Patch.revert``, which re-derive
+from stored base values: reverting any edit, not only the last, leaves no floating-point drift), so a
+fresh process replaying the same database onto the same base model reaches the same weights bit for bit.
+
+Crash safety (a process killed at any instant, SIGKILL included):
+
+- an edit first records its intent (state ``pending``, with the owner's pid) in one transaction, then
+  computes the patch, writes the patch file (atomic rename, fsync), and flips the row to ``applied`` in a
+  second transaction; a pending row whose owner process is gone is marked ``aborted`` the next time the
+  database is opened, and its partial files are removed: an edit is either applied with a complete,
+  hash-checked patch, or not applied at all;
+- a revert is one transaction (state ``reverted``); the weights follow from the database;
+- applying the database to a model (``sync``) is idempotent: on restart it simply replays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import fingerprint
+from .patch import Patch, PatchError, applied_patches, revert_all
+from .requests import EditRequest, EditRequestError
+
+SCHEMA_VERSION = 1
+EXPORT_FORMAT = "modeledit-ledger"
+STATES = ("pending", "applied", "reverted", "aborted")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS edits (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,  -- order of application
+    id           TEXT NOT NULL UNIQUE,               -- also the patch's id
+    state        TEXT NOT NULL CHECK (state IN ('pending', 'applied', 'reverted', 'aborted')),
+    created_at   TEXT NOT NULL,
+    applied_at   TEXT,
+    reverted_at  TEXT,
+    fingerprint  TEXT NOT NULL,                      -- the base model the patch belongs to
+    method       TEXT NOT NULL,
+    hparams      TEXT NOT NULL,                      -- JSON
+    requests     TEXT NOT NULL,                      -- JSON list of EditRequest fields
+    metrics      TEXT,                               -- JSON, measured at apply time
+    patch_file   TEXT,                               -- relative to the patches folder
+    patch_sha256 TEXT,
+    patch_bytes  INTEGER,
+    owner_pid    INTEGER,                            -- the process computing a pending edit
+    error        TEXT                                -- why an edit was aborted
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    time    TEXT NOT NULL,
+    edit_id TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    detail  TEXT
+);
+"""
+
+
+class LedgerError(ValueError):
+    """The ledger cannot do what was asked (unknown id, wrong model, corrupt patch file, ...)."""
+
+
+class UnknownEditError(LedgerError):
+    """No edit has this id."""
+
+
+class EditStateError(LedgerError):
+    """The edit is not in a state that allows this (e.g. reverting an edit that is not applied)."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def weights_digest(model: nn.Module) -> str:
+    """BLAKE2 hash of every weight's bytes as they are now (unlike ``fingerprint``, never cached)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Entry:
+    """One row of the ledger. ``patch`` is the Patch object when it is at hand (not serialised)."""
+
+    id: str
+    seq: int
+    state: str
+    created_at: str
+    fingerprint: str
+    method: str
+    hparams: dict[str, Any]
+    requests: list[dict]
+    metrics: dict[str, Any] | None = None
+    applied_at: str | None = None
+    reverted_at: str | None = None
+    patch_file: str | None = None
+    patch_sha256: str | None = None
+    patch_bytes: int | None = None
+    error: str | None = None
+    patch: Patch | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "patch"}
+
+    def summary(self) -> str:
+        """``prompt -> target`` of the first request (and how many more)."""
+        if not self.requests:
+            return ""
+        r = self.requests[0]
+        prompt = str(r.get("prompt", ""))
+        text = prompt.replace("{}", str(r.get("subject") or "")) if "{}" in prompt else prompt
+        more = f" (+{len(self.requests) - 1} more)" if len(self.requests) > 1 else ""
+        return f"{text} -> {r.get('target_new')}{more}"
+
+
+_COLUMNS = (
+    "id seq state created_at fingerprint method hparams requests metrics applied_at reverted_at "
+    "patch_file patch_sha256 patch_bytes error"
+).split()
+_JSON_COLUMNS = {"hparams", "requests", "metrics"}
+
+
+def _entry(row: sqlite3.Row) -> Entry:
+    values = {k: row[k] for k in _COLUMNS}
+    for k in _JSON_COLUMNS:
+        if values[k] is not None:
+            values[k] = json.loads(values[k])
+    return Entry(**values)
+
+
+@torch.no_grad()
+def measure(
+    model: nn.Module, tokenizer, requests: Sequence[EditRequest], answer_tokens: int = 8
+) -> list[dict]:
+    """P(target_new) (and P(target_true) where given) after each request's prompt, and its greedy answer."""
+    from .lm import generate
+    from .metrics import score_pairs
+
+    prompts, targets, keys = [], [], []
+    for i, r in enumerate(requests):
+        for key, target in (("p_new", r.target_new), ("p_true", r.target_true)):
+            if target:
+                prompts.append(r.text)
+                targets.append(target)
+                keys.append((i, key))
+    out: list[dict] = [{} for _ in requests]
+    for (i, key), s in zip(keys, score_pairs(model, tokenizer, prompts, targets)):
+        out[i][key] = float(torch.tensor(-s.nll).exp())
+    if answer_tokens > 0:
+        answers = generate(model, tokenizer, [r.text for r in requests], max_new_tokens=answer_tokens)
+        for i, a in enumerate(answers):
+            out[i]["answer"] = a
+    return out
+
+
+def _as_requests(requests) -> list[EditRequest]:
+    if isinstance(requests, (EditRequest, dict)):
+        requests = [requests]
+    out = []
+    for i, r in enumerate(requests):
+        if isinstance(r, dict):
+            try:
+                r = EditRequest(**r)
+            except TypeError as e:
+                raise EditRequestError(f"request {i}: {e}") from None
+        out.append(r)
+    if not out:
+        raise EditRequestError("no edit requests given")
+    return out
+
+
+class Ledger:
+    """A ledger database. Thread-safe (one connection behind a lock); several processes may share a file.
+
+    >>> ledger = Ledger("edits.db")
+    >>> ledger.sync(model)                         # replay: weights = base + applied patches, in order
+    >>> entry = ledger.edit(model, tokenizer, EditRequest(...), method="ft-l")
+    >>> ledger.revert(entry.id, model)             # any entry, not only the last
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.patch_dir = self.path.with_name(self.path.name + ".patches")
+        if self.path.is_dir():
+            raise LedgerError(f"{self.path} is a directory; give the ledger's database file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._patches: dict[str, Patch] = {}
+        try:
+            # Autocommit mode: every write below is an explicit BEGIN IMMEDIATE ... COMMIT transaction.
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            with self._tx() as db:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('changes', '0')")
+        except sqlite3.DatabaseError as e:
+            raise LedgerError(f"{self.path} is not a modeledit ledger database ({e})") from None
+        version = int(self._meta("schema_version"))
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"{self.path} has ledger schema {version}; this modeledit reads up to {SCHEMA_VERSION}"
+            )
+        self.patch_dir.mkdir(exist_ok=True)
+        self.recover()
+
+    # -- low level -----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: all of it is committed, or (on any error or a kill) none of it."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    def _log(self, db: sqlite3.Connection, edit_id: str, action: str, detail: str | None = None) -> None:
+        """Inside a write transaction: an event row, and the change counter other processes watch."""
+        db.execute(
+            "INSERT INTO events (time, edit_id, action, detail) VALUES (?, ?, ?, ?)",
+            (_now(), edit_id, action, detail),
+        )
+        db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'changes'")
+
+    def _file(self, name: str) -> Path:
+        return self.patch_dir / name
+
+    def _write_patch(self, patch: Patch) -> tuple[str, str, int]:
+        """Write a patch file durably; (file name, sha256, size)."""
+        name = f"{patch.id}.safetensors"
+        path = patch.save(self._file(name))  # written to a .partial file, then renamed
+        _fsync(path)
+        with contextlib.suppress(OSError):  # make the rename durable too (not possible on every OS)
+            _fsync(self.patch_dir)
+        return name, _sha256(path), path.stat().st_size
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def version(self) -> int:
+        """A counter bumped by every change, by any process: cheap to poll."""
+        return int(self._meta("changes") or 0)
+
+    def entries(self, state: str | None = None) -> list[Entry]:
+        """All entries (or those in ``state``), in the order they were applied."""
+        if state is not None and state not in STATES:
+            raise LedgerError(f"unknown state {state!r}; one of {', '.join(STATES)}")
+        if state is None:
+            rows = self._query("SELECT * FROM edits ORDER BY seq")
+        else:
+            rows = self._query("SELECT * FROM edits WHERE state = ? ORDER BY seq", (state,))
+        return [_entry(r) for r in rows]
+
+    def get(self, edit_id: str) -> Entry:
+        """The entry with this id, or with this unique id prefix."""
+        rows = self._query("SELECT * FROM edits WHERE id = ?", (edit_id,))
+        if not rows and edit_id and all(c in "0123456789abcdef" for c in edit_id):
+            rows = self._query("SELECT * FROM edits WHERE id LIKE ? ORDER BY seq", (edit_id + "%",))
+            if len(rows) > 1:
+                raise LedgerError(f"edit id prefix {edit_id!r} is ambiguous ({len(rows)} edits match)")
+        if not rows:
+            raise UnknownEditError(f"no edit {edit_id!r} in {self.path}")
+        return _entry(rows[0])
+
+    def events(self, edit_id: str | None = None) -> list[dict]:
+        if edit_id is None:
+            rows = self._query("SELECT * FROM events ORDER BY seq")
+        else:
+            rows = self._query("SELECT * FROM events WHERE edit_id = ? ORDER BY seq", (edit_id,))
+        return [dict(r) for r in rows]
+
+    def patch(self, edit_id: str) -> Patch:
+        """The entry's patch, loaded from its file after checking the file's SHA-256 (cached)."""
+        entry = self.get(edit_id)
+        cached = self._patches.get(entry.id)
+        if cached is not None:
+            return cached
+        if not entry.patch_file:
+            raise LedgerError(f"edit {entry.id} ({entry.state}) has no patch")
+        path = self._file(entry.patch_file)
+        if not path.exists():
+            raise LedgerError(f"edit {entry.id}: its patch file {path} is missing")
+        digest = _sha256(path)
+        if digest != entry.patch_sha256:
+            raise LedgerError(
+                f"edit {entry.id}: patch file {path} is corrupt (SHA-256 {digest[:12]}..., "
+                f"the ledger recorded {entry.patch_sha256[:12]}...)"
+            )
+        try:
+            patch = Patch.load(path)
+        except PatchError as e:
+            raise LedgerError(f"edit {entry.id}: {e}") from None
+        if patch.id != entry.id or patch.fingerprint != entry.fingerprint:
+            raise LedgerError(f"edit {entry.id}: patch file {path} belongs to another edit or model")
+        self._patches[entry.id] = patch
+        return patch
+
+    def verify(self) -> list[str]:
+        """Problems found (an empty list means consistent): files, hashes, states, leftovers."""
+        problems = []
+        known = set()
+        for e in self.entries():
+            if e.patch_file:
+                known.add(e.patch_file)
+            if e.state in ("applied", "reverted"):
+                try:
+                    self._patches.pop(e.id, None)
+                    self.patch(e.id)
+                except LedgerError as err:
+                    problems.append(str(err))
+            elif e.state == "pending":
+                problems.append(f"edit {e.id} is pending (being computed by process {self._owner(e.id)})")
+        for path in self.patch_dir.iterdir():
+            if path.name not in known:
+                problems.append(f"{path} belongs to no edit")
+        return problems
+
+    def _owner(self, edit_id: str) -> int | None:
+        rows = self._query("SELECT owner_pid FROM edits WHERE id = ?", (edit_id,))
+        return rows[0]["owner_pid"] if rows else None
+
+    # -- recovery ------------------------------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """Abort pending edits whose process is gone and remove their files; ids of the aborted edits.
+
+        Runs when the ledger is opened. Pending edits of live processes (another server) are left alone.
+        """
+        aborted = []
+        for row in self._query("SELECT id, owner_pid FROM edits WHERE state = 'pending'"):
+            if _pid_alive(row["owner_pid"]):  # another live process (or this one) is computing it
+                continue
+            with self._tx() as db:
+                cur = db.execute(
+                    "UPDATE edits SET state = 'aborted', error = ? WHERE id = ? AND state = 'pending'",
+                    (
+                        f"interrupted: process {row['owner_pid']} ended before the edit was committed",
+                        row["id"],
+                    ),
+                )
+                if cur.rowcount:
+                    self._log(db, row["id"], "aborted", "recovered after its process ended")
+                    aborted.append(row["id"])
+        # Files of no committed edit: left by a process killed between writing a patch file and committing.
+        live = {
+            r["id"]
+            for r in self._query("SELECT id, owner_pid FROM edits WHERE state = 'pending'")
+            if _pid_alive(r["owner_pid"])
+        }
+        keep = {
+            r["patch_file"] for r in self._query("SELECT patch_file FROM edits WHERE patch_file IS NOT NULL")
+        }
+        for path in self.patch_dir.iterdir():
+            stem = path.name.split(".", 1)[0]
+            if path.name not in keep and stem not in live and path.is_file():
+                path.unlink(missing_ok=True)
+        return aborted
+
+    # -- applying the ledger to a model ----------------------------------------------------------------------
+    def _check_model(self, model: nn.Module, entries: list[Entry]) -> None:
+        fp = fingerprint(model)
+        for e in entries:
+            if e.fingerprint != fp:
+                raise LedgerError(
+                    f"{self.path} holds edit {e.id} for model {e.fingerprint}, but this model is {fp}: "
+                    "load the base model the edits were made on"
+                )
+
+    def sync(self, model: nn.Module) -> bool:
+        """Make the model's applied patches exactly the ledger's applied edits, in ledger order.
+
+        Idempotent (nothing happens when they already match); removed edits are reverted (re-derived from
+        the base values), new ones applied; anything else is a full replay. True if the weights changed.
+        """
+        want = [e.id for e in self.entries("applied")]
+        have = [p.id for p in applied_patches(model)]
+        if have == want:
+            return False
+        self._check_model(model, self.entries("applied"))
+        patches = [self.patch(i) for i in want]  # load and check every file before touching the model
+        wanted = set(want)
+        kept = [i for i in have if i in wanted]
+        if kept == want[: len(kept)]:
+            for p in applied_patches(model):
+                if p.id not in wanted:
+                    p.revert(model)
+            for p in patches[len(kept) :]:
+                p.apply(model)
+        else:
+            self._replay(model, patches)
+        return True
+
+    def replay(self, model: nn.Module) -> list[Entry]:
+        """Revert every patch of the model, then apply the ledger's applied edits in order."""
+        entries = self.entries("applied")
+        self._check_model(model, entries)
+        self._replay(model, [self.patch(e.id) for e in entries])
+        return entries
+
+    @staticmethod
+    def _replay(model: nn.Module, patches: list[Patch]) -> None:
+        revert_all(model)
+        for p in patches:
+            p.apply(model)
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def edit(
+        self,
+        model: nn.Module,
+        tokenizer,
+        requests: EditRequest | dict | Sequence[EditRequest | dict],
+        method: str = "ft-l",
+        hparams: dict[str, Any] | None = None,
+        answer_tokens: int = 8,
+    ) -> Entry:
+        """Compute an edit on ``model`` (which should be in sync with the ledger), record it, apply it.
+
+        The returned entry has the metrics before and after and the patch. Errors in the method, its
+        hyperparameters or the requests are raised before anything is recorded; an edit that fails or
+        is interrupted while it is computed ends ``aborted``, never half applied.
+        """
+        from .editor import create_editor
+
+        requests = _as_requests(requests)
+        editor = create_editor(method, model, tokenizer, **(hparams or {}))
+        max_len = getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", None
+        )
+        for r in requests:
+            r.validate(needs_subject=editor.needs_subject, tokenizer=tokenizer, max_length=max_len)
+        entry_id = uuid.uuid4().hex[:12]
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO edits (id, state, created_at, fingerprint, method, hparams, requests, "
+                "owner_pid) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?)",
+                (
+                    entry_id,
+                    _now(),
+                    fingerprint(model),
+                    method,
+                    json.dumps(dataclasses.asdict(editor.config), default=str),
+                    json.dumps([r.to_dict() for r in requests], default=str),
+                    os.getpid(),
+                ),
+            )
+            self._log(db, entry_id, "begin")
+        patch = None
+        try:
+            before = measure(model, tokenizer, requests, answer_tokens)
+            start = time.perf_counter()
+            patch = editor.edit(requests)
+            seconds = time.perf_counter() - start
+            patch.id = entry_id
+            patch.apply(model)
+            after = measure(model, tokenizer, requests, answer_tokens)
+            metrics = {
+                "seconds": seconds,
+                "requests": [
+                    {f"{k}_before": v for k, v in b.items()} | {f"{k}_after": v for k, v in a.items()}
+                    for b, a in zip(before, after)
+                ],
+            }
+            name, digest, size = self._write_patch(patch)
+            with self._tx() as db:
+                cur = db.execute(
+                    "UPDATE edits SET state = 'applied', applied_at = ?, metrics = ?, patch_file = ?, "
+                    "patch_sha256 = ?, patch_bytes = ?, hparams = ?, owner_pid = NULL "
+                    "WHERE id = ? AND state = 'pending'",
+                    (
+                        _now(),
+                        json.dumps(metrics),
+                        name,
+                        digest,
+                        size,
+                        json.dumps(patch.hparams, default=str),
+                        entry_id,
+                    ),
+                )
+                if cur.rowcount != 1:
+                    raise LedgerError(f"edit {entry_id} was aborted by another process while it was computed")
+                self._log(db, entry_id, "applied")
+        except BaseException as e:
+            if patch is not None and any(p is patch for p in applied_patches(model)):
+                patch.revert(model)
+            message = f"{type(e).__name__}: {e}".strip()
+            with contextlib.suppress(Exception), self._tx() as db:
+                db.execute(
+                    "UPDATE edits SET state = 'aborted', error = ?, owner_pid = NULL "
+                    "WHERE id = ? AND state = 'pending'",
+                    (message[:2000], entry_id),
+                )
+                self._log(db, entry_id, "aborted", message[:2000])
+            for suffix in ("", ".partial"):
+                self._file(f"{entry_id}.safetensors{suffix}").unlink(missing_ok=True)
+            raise
+        self._patches[entry_id] = patch
+        entry = self.get(entry_id)
+        entry.patch = patch
+        return entry
+
+    def revert(self, edit_id: str, model: nn.Module | None = None) -> Entry:
+        """Mark an applied edit reverted (one transaction); re-derive ``model``'s weights if given."""
+        entry = self.get(edit_id)
+        if entry.state != "applied":
+            raise EditStateError(f"edit {entry.id} is {entry.state}, not applied: nothing to revert")
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE edits SET state = 'reverted', reverted_at = ? WHERE id = ? AND state = 'applied'",
+                (_now(), entry.id),
+            )
+            if cur.rowcount != 1:
+                raise EditStateError(f"edit {entry.id} was reverted by someone else meanwhile")
+            self._log(db, entry.id, "reverted")
+        if model is not None:
+            self.sync(model)
+        return self.get(entry.id)
+
+    # -- export / import -----------------------------------------------------------------------------------
+    def export(self, folder: str | Path) -> Path:
+        """Write ``folder/ledger.json`` and ``folder/patches/*.safetensors`` (applied and reverted edits)."""
+        folder = Path(folder)
+        if folder.exists() and any(folder.iterdir()):
+            raise LedgerError(f"{folder} exists and is not empty; export into a new folder")
+        (folder / "patches").mkdir(parents=True, exist_ok=True)
+        entries = [e for e in self.entries() if e.state in ("applied", "reverted")]
+        for e in entries:
+            self.patch(e.id)  # checks the hash before copying
+            shutil.copyfile(self._file(e.patch_file), folder / "patches" / e.patch_file)
+        manifest = {
+            "format": EXPORT_FORMAT,
+            "version": SCHEMA_VERSION,
+            "exported_at": _now(),
+            "source": str(self.path),
+            "entries": [e.to_dict() for e in entries],
+        }
+        (folder / "ledger.json").write_text(json.dumps(manifest, indent=1))
+        return folder / "ledger.json"
+
+    def import_(self, folder: str | Path) -> tuple[list[str], list[str]]:
+        """Add the edits of an exported ledger after this one's, in their order; (imported ids, skipped ids).
+
+        Edits whose id is already here are skipped. All or nothing: every patch file is checked first.
+        """
+        folder = Path(folder)
+        manifest_path = folder / "ledger.json" if folder.is_dir() else folder
+        folder = manifest_path.parent
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except OSError as e:
+            raise LedgerError(f"cannot read {manifest_path}: {e.strerror or e}") from None
+        except json.JSONDecodeError as e:
+            raise LedgerError(f"{manifest_path} is not JSON ({e})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+            raise LedgerError(f"{manifest_path} is not a modeledit ledger export")
+        existing = {e.id for e in self.entries()}
+        fingerprints = {e.fingerprint for e in self.entries() if e.state in ("applied", "reverted")}
+        new, skipped = [], []
+        for i, item in enumerate(manifest.get("entries", [])):
+            missing = [
+                k for k in ("id", "state", "patch_file", "patch_sha256", "fingerprint") if not item.get(k)
+            ]
+            if missing:
+                raise LedgerError(f"{manifest_path}: entry {i} is incomplete (no {', '.join(missing)})")
+            try:
+                e = Entry(**{k: item[k] for k in _COLUMNS if k in item})
+            except TypeError as err:
+                raise LedgerError(f"{manifest_path}: entry {i} is incomplete ({err})") from None
+            if e.id in existing:
+                skipped.append(e.id)
+                continue
+            if e.state not in ("applied", "reverted"):
+                raise LedgerError(f"{manifest_path}: entry {e.id} has state {e.state!r}")
+            if fingerprints and e.fingerprint not in fingerprints:
+                raise LedgerError(
+                    f"{manifest_path}: edit {e.id} is for model {e.fingerprint}; this ledger's edits are for "
+                    f"{', '.join(sorted(fingerprints))}"
+                )
+            source = folder / "patches" / str(e.patch_file)
+            if not source.exists() or _sha256(source) != e.patch_sha256:
+                raise LedgerError(
+                    f"{manifest_path}: patch file of edit {e.id} is missing or corrupt ({source})"
+                )
+            new.append(e)
+        for e in new:
+            target = self._file(f"{e.id}.safetensors")
+            tmp = target.with_name(target.name + ".partial")
+            shutil.copyfile(folder / "patches" / e.patch_file, tmp)
+            _fsync(tmp)
+            tmp.replace(target)
+            e.patch_file = target.name
+        with self._tx() as db:
+            for e in new:
+                db.execute(
+                    "INSERT INTO edits (id, state, created_at, applied_at, reverted_at, fingerprint, method, "
+                    "hparams, requests, metrics, patch_file, patch_sha256, patch_bytes) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        e.id,
+                        e.state,
+                        e.created_at,
+                        e.applied_at,
+                        e.reverted_at,
+                        e.fingerprint,
+                        e.method,
+                        json.dumps(e.hparams),
+                        json.dumps(e.requests),
+                        None if e.metrics is None else json.dumps(e.metrics),
+                        e.patch_file,
+                        e.patch_sha256,
+                        e.patch_bytes,
+                    ),
+                )
+                self._log(db, e.id, "imported", str(manifest_path))
+        return [e.id for e in new], skipped

@@ -1,0 +1,549 @@
+"""The HTTP service: generation, scoring, and edits recorded in a ledger, behind a bearer token.
+
+Concurrency: generation and scoring read the *live* model under the read side of a readers-writer lock.
+Edits are computed on a *shadow* copy of the model (editors swap parameters functionally while they
+compute, which other threads must never see), serialised by one edit lock; the finished patch is then
+applied to the live model under the write side of the lock, so a generation sees the weights either
+entirely before or entirely after an edit, and generations keep running while an edit is computed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hmac
+import ipaddress
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from torch import nn
+
+from ..arch import ArchitectureError
+from ..editor import EDITORS, available_methods
+from ..ledger import EditStateError, Entry, Ledger, LedgerError, UnknownEditError
+from ..lm import is_seq2seq, target_batch, token_logprobs
+from ..models import fingerprint
+from ..patch import PatchError, applied_patches, revert_all
+from ..requests import EditRequest, EditRequestError
+
+STATIC = Path(__file__).parent / "static"
+TOKEN_ENV = "MODELEDIT_API_TOKEN"
+DEFAULT_METHOD = "ft-l"
+MAX_PROMPT_CHARS = 2000
+MAX_TARGET_CHARS = 200
+MAX_CONTINUATIONS = 16
+MAX_PARAPHRASES = 8
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+@dataclass
+class Limits:
+    """Bounds on what one request may ask for."""
+
+    max_body_bytes: int = 64 * 1024  # larger request bodies get 413
+    max_new_tokens: int = 128  # per /v1/generate request
+    max_edit_steps: int = 200  # the "steps" hyperparameter of an edit
+    answer_tokens: int = 8  # greedy answer recorded before/after an edit
+
+
+# -- binding -------------------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: it may resolve anywhere
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to listen beyond this machine without a token."""
+    if not token and not is_loopback(host):
+        raise ValueError(
+            f"refusing to serve on {host} without an API token: set {TOKEN_ENV} (a long random string), "
+            "or bind to 127.0.0.1"
+        )
+
+
+# -- locks ---------------------------------------------------------------------------------------------------
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer holds back new readers (no writer starvation)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+# -- the service ---------------------------------------------------------------------------------------------
+
+
+class Service:
+    """The model, its shadow for computing edits, the ledger, and the locks between them."""
+
+    def __init__(self, model: nn.Module, tokenizer, ledger: Ledger, limits: Limits):
+        self.ledger, self.limits = ledger, limits
+        self.live, self.tokenizer = model, tokenizer
+        revert_all(model)  # the ledger is the truth: weights = base + its applied edits
+        self.shadow = copy.deepcopy(model)
+        self.shadow_tokenizer = copy.deepcopy(tokenizer)  # fast tokenizers are not safe across threads
+        self.rw = RWLock()
+        self.edit_lock = threading.Lock()
+        self.tok_lock = threading.Lock()
+        self.synced_version = -1
+        self.seq2seq = is_seq2seq(model)
+        config = model.config
+        self.context = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        with self.edit_lock:
+            self._sync()  # replay the ledger
+
+    def _sync(self) -> None:
+        """With the edit lock held: bring the shadow and then the live model to the ledger's state."""
+        version = self.ledger.version()
+        self.ledger.sync(self.shadow)
+        want = [p.id for p in applied_patches(self.shadow)]
+        if [p.id for p in applied_patches(self.live)] != want:
+            with self.rw.write():
+                self.ledger.sync(self.live)
+        self.synced_version = version
+
+    def refresh(self) -> None:
+        """Pick up changes another process made to the ledger (``modeledit ledger revert``), if idle."""
+        if self.ledger.version() != self.synced_version and self.edit_lock.acquire(blocking=False):
+            try:
+                self._sync()
+            finally:
+                self.edit_lock.release()
+
+    def applied(self) -> int:
+        return len(applied_patches(self.live))
+
+    def generate(self, prompt: str, max_new_tokens: int) -> str:
+        self.refresh()
+        with self.tok_lock:
+            enc = self.tokenizer(prompt.rstrip(" "), return_tensors="pt")
+        n = enc["input_ids"].shape[1]
+        if self.context and not self.seq2seq and n + max_new_tokens > self.context:
+            raise HTTPException(
+                422, f"the prompt is {n} tokens; with max_new_tokens it exceeds the context ({self.context})"
+            )
+        with self.rw.read(), torch.no_grad():
+            out = self.live.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        new = out[0] if self.seq2seq else out[0, n:]
+        with self.tok_lock:
+            return self.tokenizer.decode(new, skip_special_tokens=True)
+
+    def score(self, prompt: str, continuations: list[str]) -> list[dict]:
+        self.refresh()
+        with self.tok_lock:
+            batch = target_batch(self.tokenizer, [prompt] * len(continuations), continuations, self.seq2seq)
+        if self.context and batch["input_ids"].shape[1] > self.context:
+            raise HTTPException(422, f"prompt and continuation exceed the model context ({self.context})")
+        with self.rw.read(), torch.no_grad():
+            logp, mask = token_logprobs(self.live, batch)
+        sums, counts = logp.sum(-1), mask.sum(-1)
+        return [
+            {
+                "continuation": c,
+                "logprob": float(s),
+                "tokens": int(k),
+                "mean_logprob": float(s / max(int(k), 1)),
+            }
+            for c, s, k in zip(continuations, sums, counts)
+        ]
+
+    def edit(self, request: EditRequest, method: str, hparams: dict[str, Any]) -> Entry:
+        with self.edit_lock:
+            self._sync()
+            entry = self.ledger.edit(
+                self.shadow,
+                self.shadow_tokenizer,
+                [request],
+                method=method,
+                hparams=hparams,
+                answer_tokens=self.limits.answer_tokens,
+            )
+            self._sync()
+            return entry
+
+    def revert(self, edit_id: str) -> Entry:
+        with self.edit_lock:
+            entry = self.ledger.revert(edit_id)
+            self._sync()
+            return entry
+
+
+# -- API schemas ---------------------------------------------------------------------------------------------
+
+
+class GenerateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    max_new_tokens: int = Field(20, ge=1, description="at most the server's limit (default 128)")
+
+
+class GenerateOut(BaseModel):
+    prompt: str
+    text: str
+    max_new_tokens: int
+    applied_edits: int
+
+
+class ScoreIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    continuations: list[str] = Field(min_length=1, max_length=MAX_CONTINUATIONS)
+
+
+class ScoreItem(BaseModel):
+    continuation: str
+    logprob: float = Field(description="sum of the continuation tokens' log-probabilities (natural log)")
+    tokens: int
+    mean_logprob: float
+
+
+class ScoreOut(BaseModel):
+    prompt: str
+    scores: list[ScoreItem]
+
+
+class EditIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: str = Field(DEFAULT_METHOD, description="a registered editing method (GET /v1/methods)")
+    prompt: str = Field(
+        min_length=1, max_length=MAX_PROMPT_CHARS, description="full prompt, or {} for the subject"
+    )
+    subject: str | None = Field(None, max_length=MAX_TARGET_CHARS)
+    target_new: str = Field(min_length=1, max_length=MAX_TARGET_CHARS)
+    target_true: str | None = Field(None, max_length=MAX_TARGET_CHARS)
+    paraphrase_prompts: list[str] = Field(default_factory=list, max_length=MAX_PARAPHRASES)
+    hparams: dict[str, Any] = Field(default_factory=dict, description="hyperparameter overrides")
+
+
+class EntryOut(BaseModel):
+    id: str
+    seq: int
+    state: str = Field(description="pending | applied | reverted | aborted")
+    created_at: str
+    applied_at: str | None = None
+    reverted_at: str | None = None
+    fingerprint: str
+    method: str
+    hparams: dict[str, Any]
+    requests: list[dict[str, Any]]
+    metrics: dict[str, Any] | None = Field(
+        None, description="seconds; per request p_new/p_true/answer _before and _after"
+    )
+    patch_file: str | None = None
+    patch_sha256: str | None = None
+    patch_bytes: int | None = None
+    error: str | None = None
+
+
+class ErrorOut(BaseModel):
+    error: str
+    status: int
+
+
+class HealthOut(BaseModel):
+    status: str
+    model: str
+    fingerprint: str
+    applied_edits: int
+
+
+class MethodsOut(BaseModel):
+    methods: list[str]
+    default: str
+    hparams: dict[str, dict[str, Any]]
+
+
+ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 413, 415, 422)}
+
+
+# -- middleware and errors -----------------------------------------------------------------------------------
+
+
+class BodyLimit:
+    """Reject request bodies over ``max_bytes`` with 413 (by Content-Length, or while reading them)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for key, value in scope.get("headers", []):
+            if key == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        response = _error(413, f"request body larger than {self.max_bytes} bytes")
+        await response(scope, receive, send)
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+# -- the app -------------------------------------------------------------------------------------------------
+
+
+def create_app(
+    model: nn.Module,
+    tokenizer,
+    ledger: Ledger,
+    token: str | None = None,
+    limits: Limits | None = None,
+    allowed_hosts: list[str] | None = None,
+) -> FastAPI:
+    """The FastAPI app. Replays the ledger onto ``model`` (the base model) first.
+
+    ``token``: the bearer token write endpoints require (None: writes are open; only for loopback).
+    ``allowed_hosts``: accepted Host headers (against DNS rebinding on loopback); None accepts any.
+    """
+    limits = limits or Limits()
+    service = Service(model, tokenizer, ledger, limits)
+    model_name = str(getattr(model, "name_or_path", "") or type(model).__name__)
+    app = FastAPI(
+        title="modeledit",
+        version="1",
+        description="Edit a language model's facts with reversible patches recorded in a ledger. "
+        "Write endpoints need `Authorization: Bearer <MODELEDIT_API_TOKEN>`.",
+    )
+    app.state.service, app.state.token, app.state.limits = service, token, limits
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+    bearer = HTTPBearer(auto_error=False, description=f"the token in ${TOKEN_ENV}")
+
+    def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if token is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(
+                401,
+                "missing or wrong bearer token (send Authorization: Bearer <MODELEDIT_API_TOKEN>)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def same_origin_json(request: Request) -> None:
+        """Writes from a browser must come from this page: cross-site requests get no way in (CSRF).
+
+        A JSON content type cannot be sent cross-site without a CORS preflight, which this server never
+        grants; an Origin header, when a browser sends one, must name this server.
+        """
+        origin = request.headers.get("origin")
+        if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host", ""):
+            raise HTTPException(403, f"cross-origin write refused (Origin {origin})")
+        if request.method == "POST":
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type != "application/json":
+                raise HTTPException(415, "send the body as JSON with Content-Type: application/json")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return _error(422, _validation_message(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    # -- pages and health ---------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(
+            STATIC / "index.html",
+            headers={
+                "Content-Security-Policy": "default-src 'self'; base-uri 'none'; frame-ancestors 'none'; "
+                "form-action 'none'",
+                "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer",
+                "Cache-Control": "no-store",
+            },
+        )
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/healthz", response_model=HealthOut)
+    def healthz():
+        return HealthOut(
+            status="ok", model=model_name, fingerprint=fingerprint(model), applied_edits=service.applied()
+        )
+
+    @app.get("/v1/methods", response_model=MethodsOut)
+    def methods():
+        names = available_methods()
+        hparams = {}
+        for name in names:
+            fields = dataclasses.fields(EDITORS[name].Config)
+            hparams[name] = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+        return MethodsOut(methods=names, default=DEFAULT_METHOD, hparams=hparams)
+
+    # -- reading the model --------------------------------------------------------------------------------
+    @app.post("/v1/generate", response_model=GenerateOut, responses=ERRORS)
+    def generate(body: GenerateIn):
+        """Greedy continuation of the prompt by the model with every applied edit."""
+        if body.max_new_tokens > limits.max_new_tokens:
+            raise HTTPException(422, f"max_new_tokens: at most {limits.max_new_tokens}")
+        text = service.generate(body.prompt, body.max_new_tokens)
+        return GenerateOut(
+            prompt=body.prompt, text=text, max_new_tokens=body.max_new_tokens, applied_edits=service.applied()
+        )
+
+    @app.post("/v1/score", response_model=ScoreOut, responses=ERRORS)
+    def score(body: ScoreIn):
+        """Log-probabilities of each continuation after the prompt (teacher-forced, as the metrics)."""
+        if any(not c.strip() or len(c) > MAX_PROMPT_CHARS for c in body.continuations):
+            raise HTTPException(422, f"continuations: non-empty, at most {MAX_PROMPT_CHARS} characters each")
+        return ScoreOut(prompt=body.prompt, scores=service.score(body.prompt, body.continuations))
+
+    # -- edits --------------------------------------------------------------------------------------------
+    @app.post(
+        "/v1/edits",
+        response_model=EntryOut,
+        status_code=201,
+        responses=ERRORS,
+        dependencies=[Depends(same_origin_json), Depends(require_token)],
+    )
+    def create_edit(body: EditIn):
+        """Compute an edit, record it in the ledger, apply it; the entry has P(target) before and after."""
+        if body.method not in available_methods():
+            raise HTTPException(
+                422, f"unknown method {body.method!r}; available: {', '.join(available_methods())}"
+            )
+        steps = body.hparams.get("steps")
+        if isinstance(steps, (int, float)) and steps > limits.max_edit_steps:
+            raise HTTPException(422, f"hparams.steps: at most {limits.max_edit_steps}")
+        request = EditRequest(
+            prompt=body.prompt,
+            subject=body.subject or None,
+            target_new=body.target_new,
+            target_true=body.target_true or None,
+            paraphrase_prompts=list(body.paraphrase_prompts),
+        )
+        try:
+            entry = service.edit(request, body.method, dict(body.hparams))
+        except (EditRequestError, ArchitectureError, PatchError, LedgerError, ValueError, TypeError) as e:
+            # bad request fields, unknown or ill-typed hyperparameters, a method not available for this model
+            raise HTTPException(422, str(e) or type(e).__name__) from None
+        return entry.to_dict()
+
+    @app.get("/v1/edits", response_model=list[EntryOut])
+    def list_edits(state: str | None = Query(None, description="pending | applied | reverted | aborted")):
+        try:
+            return [e.to_dict() for e in ledger.entries(state)]
+        except LedgerError as e:
+            raise HTTPException(422, str(e)) from None
+
+    @app.get("/v1/edits/{edit_id}", response_model=EntryOut, responses=ERRORS)
+    def get_edit(edit_id: str):
+        try:
+            return ledger.get(edit_id).to_dict()
+        except UnknownEditError as e:
+            raise HTTPException(404, str(e)) from None
+
+    @app.delete(
+        "/v1/edits/{edit_id}",
+        response_model=EntryOut,
+        responses=ERRORS,
+        dependencies=[Depends(same_origin_json), Depends(require_token)],
+    )
+    def revert_edit(edit_id: str):
+        """Revert an applied edit: weights become base + the remaining applied edits, bit for bit."""
+        try:
+            return service.revert(edit_id).to_dict()
+        except UnknownEditError as e:
+            raise HTTPException(404, str(e)) from None
+        except EditStateError as e:
+            raise HTTPException(409, str(e)) from None
+
+    return app

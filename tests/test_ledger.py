@@ -1,0 +1,475 @@
+"""The edit ledger on a tiny llama: records, revert of any edit, replay bit for bit (also in a fresh process),
+export/import, the CLI, and crash safety with real processes killed by SIGKILL mid-edit and mid-revert."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_model
+from typer.testing import CliRunner
+
+from modeledit import EditRequestError, Ledger, Patch
+from modeledit.cli import app
+from modeledit.ledger import EditStateError, LedgerError, UnknownEditError, weights_digest
+from modeledit.models import fingerprint, load_model
+from modeledit.patch import applied_patches
+
+HPARAMS = {"steps": 5, "lr": 0.05}
+FACTS = [("Zorbia", "Quux"), ("Ylland", "Blip"), ("Xer", "Mop"), ("Wum", "Zap")]
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def request(i: int) -> dict:
+    subject, target = FACTS[i % len(FACTS)]
+    return {
+        "prompt": "The capital of {} is",
+        "subject": subject,
+        "target_new": target,
+        "target_true": "Paris",
+    }
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_digest(model_dir):
+    return weights_digest(load_model(str(model_dir))[0])
+
+
+def fresh(model_dir):
+    return load_model(str(model_dir))
+
+
+def independent_digest(model_dir, ledger: Ledger) -> str:
+    """base + each applied patch's deltas added in ledger order, without Patch.apply: what replay gives."""
+    model, _ = fresh(model_dir)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for e in ledger.entries("applied"):
+            patch = Patch.load(ledger.patch_dir / e.patch_file)
+            for name in patch.deltas:
+                params[name].add_(patch.dense(name))
+    return weights_digest(model)
+
+
+def test_an_edit_is_recorded_with_everything(model_dir, tmp_path):
+    model, tok = fresh(model_dir)
+    ledger = Ledger(tmp_path / "edits.db")
+    entry = ledger.edit(model, tok, request(0), method="ft", hparams=HPARAMS)
+    assert entry.state == "applied" and entry.method == "ft" and entry.fingerprint == fingerprint(model)
+    assert entry.hparams["steps"] == 5 and entry.hparams["lr"] == 0.05 and "num_blocks" in entry.hparams
+    assert entry.requests[0]["target_new"] == "Quux" and entry.created_at and entry.applied_at
+    m = entry.metrics["requests"][0]
+    assert m["p_new_after"] > m["p_new_before"] and {"p_true_before", "answer_before", "answer_after"} <= set(
+        m
+    )
+    path = ledger.patch_dir / entry.patch_file
+    assert path.stat().st_size == entry.patch_bytes and len(entry.patch_sha256) == 64
+    assert Patch.load(path).id == entry.id == applied_patches(model)[0].id
+    assert [e["action"] for e in ledger.events(entry.id)] == ["begin", "applied"]
+    assert ledger.get(entry.id[:6]).id == entry.id  # unique prefixes work
+    assert ledger.verify() == []
+
+
+def test_revert_any_edit_rederives_weights_bit_for_bit(model_dir, tmp_path, base_digest):
+    model, tok = fresh(model_dir)
+    ledger = Ledger(tmp_path / "edits.db")
+    ids = [ledger.edit(model, tok, request(i), method="ft", hparams=HPARAMS).id for i in range(3)]
+    assert weights_digest(model) != base_digest
+    ledger.revert(ids[1], model)  # the middle one, not the last
+    assert [p.id for p in applied_patches(model)] == [ids[0], ids[2]]
+    assert ledger.get(ids[1]).state == "reverted" and ledger.get(ids[1]).reverted_at
+    replayed, _ = fresh(model_dir)
+    assert ledger.sync(replayed) is True and ledger.sync(replayed) is False  # idempotent
+    assert weights_digest(model) == weights_digest(replayed) == independent_digest(model_dir, ledger)
+    ledger.revert(ids[0], model)
+    ledger.revert(ids[2], model)
+    assert weights_digest(model) == base_digest  # exactly the base weights again, no drift
+    with pytest.raises(EditStateError, match="not applied"):
+        ledger.revert(ids[0], model)
+    with pytest.raises(UnknownEditError):
+        ledger.get("feedbeef0000")
+
+
+def test_replay_in_a_fresh_process_gives_identical_weights(model_dir, tmp_path):
+    model, tok = fresh(model_dir)
+    db = tmp_path / "edits.db"
+    ledger = Ledger(db)
+    ids = [ledger.edit(model, tok, request(i), method="ft", hparams=HPARAMS).id for i in range(3)]
+    ledger.revert(ids[0], model)
+    ledger.close()
+    code = (
+        "import sys, torch; torch.set_num_threads(1)\n"
+        "from modeledit import Ledger, load_model\n"
+        "from modeledit.ledger import weights_digest\n"
+        "model, _ = load_model(sys.argv[1]); Ledger(sys.argv[2]).replay(model)\n"
+        "print('DIGEST', weights_digest(model))\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SRC))
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(model_dir), str(db)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    digest = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("DIGEST")][0]
+    assert digest == weights_digest(model)
+
+
+def test_sync_follows_changes_made_by_another_process(model_dir, tmp_path):
+    model, tok = fresh(model_dir)
+    ledger = Ledger(tmp_path / "edits.db")
+    ids = [ledger.edit(model, tok, request(i), method="ft", hparams=HPARAMS).id for i in range(2)]
+    version = ledger.version()
+    other = Ledger(tmp_path / "edits.db")  # e.g. `modeledit ledger revert` while a server runs
+    other.revert(ids[0])
+    assert ledger.version() > version
+    assert ledger.sync(model) is True
+    assert [p.id for p in applied_patches(model)] == [ids[1]]
+    assert weights_digest(model) == independent_digest(model_dir, ledger)
+
+
+def test_bad_edits_record_nothing_or_end_aborted(model_dir, tmp_path, base_digest):
+    model, tok = fresh(model_dir)
+    ledger = Ledger(tmp_path / "edits.db")
+    with pytest.raises(ValueError, match="unknown method"):
+        ledger.edit(model, tok, request(0), method="nope")
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        ledger.edit(model, tok, request(0), method="ft", hparams={"bogus": 1})
+    with pytest.raises(EditRequestError, match="target_new"):
+        ledger.edit(model, tok, {"prompt": "Hello", "target_new": " "}, method="ft")
+    assert ledger.entries() == []
+    # fails while computing (an ill-typed hyperparameter): recorded as aborted, the model untouched
+    with pytest.raises(TypeError):
+        ledger.edit(model, tok, request(0), method="ft", hparams={"lr": "fast"})
+    (entry,) = ledger.entries()
+    assert entry.state == "aborted" and "TypeError" in entry.error and entry.patch_file is None
+    assert weights_digest(model) == base_digest and applied_patches(model) == []
+    assert list(ledger.patch_dir.iterdir()) == [] and ledger.verify() == []
+
+
+def test_wrong_model_and_corrupt_patch_are_refused(model_dir, tmp_path):
+    model, tok = fresh(model_dir)
+    ledger = Ledger(tmp_path / "edits.db")
+    entry = ledger.edit(model, tok, request(0), method="ft", hparams=HPARAMS)
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(LedgerError, match="this model is"):
+        ledger.sync(other)
+    path = ledger.patch_dir / entry.patch_file
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    reopened = Ledger(tmp_path / "edits.db")
+    with pytest.raises(LedgerError, match="corrupt"):
+        reopened.replay(fresh(model_dir)[0])
+    assert any("corrupt" in p for p in reopened.verify())
+    with pytest.raises(LedgerError, match="not a modeledit ledger"):
+        Ledger(path)  # a file that is not a database
+
+
+def test_export_import_roundtrip(model_dir, tmp_path):
+    model, tok = fresh(model_dir)
+    source = Ledger(tmp_path / "a.db")
+    ids = [source.edit(model, tok, request(i), method="ft", hparams=HPARAMS).id for i in range(3)]
+    source.revert(ids[1], model)
+    source.export(tmp_path / "export")
+    target = Ledger(tmp_path / "b.db")
+    imported, skipped = target.import_(tmp_path / "export")
+    assert imported == ids and skipped == []
+    assert [(e.id, e.state) for e in target.entries()] == [(e.id, e.state) for e in source.entries()]
+    replayed, _ = fresh(model_dir)
+    target.sync(replayed)
+    assert weights_digest(replayed) == weights_digest(model)
+    assert target.import_(tmp_path / "export") == ([], ids)  # idempotent
+    with pytest.raises(LedgerError, match="not empty"):
+        source.export(tmp_path / "export")
+    # edits made on another model are refused
+    other_dir = tmp_path / "other-model"
+    tiny_model("llama", seed=1).save_pretrained(other_dir)
+    char_tokenizer().save_pretrained(other_dir)
+    other, other_tok = load_model(str(other_dir))
+    foreign = Ledger(tmp_path / "c.db")
+    foreign.edit(other, other_tok, request(0), method="ft", hparams=HPARAMS)
+    with pytest.raises(LedgerError, match="for model"):
+        foreign.import_(tmp_path / "export")
+
+
+# -- the CLI -------------------------------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def test_cli_ledger_commands(model_dir, tmp_path):
+    model, tok = fresh(model_dir)
+    db = tmp_path / "edits.db"
+    ledger = Ledger(db)
+    ids = [ledger.edit(model, tok, request(i), method="ft", hparams=HPARAMS).id for i in range(2)]
+    ledger.close()
+
+    result = runner.invoke(app, ["ledger", "list", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    assert ids[0] in result.output and "applied" in result.output and "Zorbia" in result.output
+
+    result = runner.invoke(app, ["ledger", "show", ids[1][:8], "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert shown["id"] == ids[1] and [e["action"] for e in shown["events"]] == ["begin", "applied"]
+
+    result = runner.invoke(app, ["ledger", "revert", ids[0], "--db", str(db)])
+    assert result.exit_code == 0 and "reverted" in result.output, result.output
+
+    result = runner.invoke(app, ["ledger", "replay", "--db", str(db), "--model", str(model_dir)])
+    assert result.exit_code == 0, result.output
+    ledger = Ledger(db)
+    ledger.sync(model)
+    assert "replayed 1 edits" in result.output and weights_digest(model) in result.output
+
+    out = tmp_path / "export"
+    result = runner.invoke(app, ["ledger", "export", "--db", str(db), "--out", str(out)])
+    assert result.exit_code == 0 and (out / "ledger.json").exists(), result.output
+    result = runner.invoke(app, ["ledger", "import", str(out), "--db", str(tmp_path / "copy.db")])
+    assert result.exit_code == 0 and "imported 2 edits" in result.output, result.output
+
+    for args, message in [
+        (["ledger", "list", "--db", str(tmp_path / "missing.db")], "no ledger database"),
+        (["ledger", "show", "feedbeef0000", "--db", str(db)], "no edit"),
+        (["ledger", "revert", ids[0], "--db", str(db)], "not applied"),
+        (["ledger", "list", "--db", str(db), "--state", "weird"], "unknown state"),
+        (["ledger", "import", str(tmp_path / "nothing"), "--db", str(db)], "cannot read"),
+    ]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output
+
+
+# -- crash safety: real processes, real SIGKILL ------------------------------------------------------------
+#
+# A "zygote" process imports torch, transformers and modeledit once; each scenario is a fork of it (the zygote
+# never ran a parallel torch op, so forking is safe) that replays the ledger, pauses at a chosen point of an
+# edit or a revert, and is killed there with SIGKILL. The test process then plays the restart.
+
+ZYGOTE = r"""
+import json, os, signal, sys, time, traceback
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # killed children are reaped by the kernel
+import torch
+torch.set_num_threads(1)
+from modeledit import Ledger, load_model
+from modeledit.ledger import Ledger as L
+from modeledit.methods.ft import FineTune
+load_model(sys.argv[1])  # warms every lazy import in the parent, once
+
+def pause(stage):
+    print("at", stage, flush=True)
+    time.sleep(300)
+
+def wrap_after(cls, name, when):
+    original = getattr(cls, name)
+    def wrapper(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if when(*args, **kwargs):
+            pause(job["stage"])
+        return out
+    setattr(cls, name, wrapper)
+
+def run(job):
+    stage = job["stage"]
+    model, tok = load_model(sys.argv[1])
+    ledger = Ledger(job["db"])
+    ledger.sync(model)
+    edit = lambda i: ledger.edit(model, tok, job["requests"][i], method="ft", hparams=job["hparams"])
+    if stage == "edit-computing":
+        original = FineTune.compute_deltas
+        FineTune.compute_deltas = lambda self, r: (pause(stage), original(self, r))[1]
+    elif stage == "edit-file-written":
+        wrap_after(L, "_write_patch", lambda *a, **k: True)
+    elif stage in ("edit-in-transaction", "revert-in-transaction"):
+        action = "applied" if stage.startswith("edit") else "reverted"
+        wrap_after(L, "_log", lambda self, db, edit_id, act, detail=None: act == action)
+    elif stage == "revert-committed":
+        original_sync = L.sync
+        L.sync = lambda self, m: (pause(stage), original_sync(self, m))[1]
+    if stage == "loop":  # edits and reverts until killed at a random moment; acknowledges each
+        for i in range(1000):
+            e = edit(i % len(job["requests"]))
+            print("applied", e.id, flush=True)
+            if i % 2:
+                ledger.revert(e.id, model)
+                print("reverted", e.id, flush=True)
+    elif stage.startswith("edit"):
+        e = edit(0)
+        print("applied", e.id, flush=True)
+        pause("edit-committed")
+    else:
+        ledger.revert(job["revert_id"], model)
+        print("reverted", job["revert_id"], flush=True)
+        pause("revert-done")
+
+print("ready", flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        try:
+            run(job)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            os._exit(0)
+    print(json.dumps({"pid": pid}), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def zygote(model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zygote")
+    script = folder / "zygote.py"
+    script.write_text(ZYGOTE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SRC))
+    with open(folder / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(model_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+        )
+    if proc.stdout.readline().strip() != "ready":
+        pytest.fail("the zygote process did not start: " + (folder / "stderr.txt").read_text()[-2000:])
+    yield proc
+    proc.stdin.close()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def seeded_db(model_dir, tmp_path_factory):
+    """A ledger with two applied edits (A, B), closed, to be copied per scenario."""
+    folder = tmp_path_factory.mktemp("seed")
+    model, tok = fresh(model_dir)
+    with Ledger(folder / "edits.db") as ledger:
+        ids = [ledger.edit(model, tok, request(i), method="ft", hparams=HPARAMS).id for i in range(2)]
+    return folder, ids
+
+
+def run_and_kill(zygote, job: dict, tmp_path: Path, until, deadline: float = 60) -> str:
+    """Fork a scenario, wait until its log satisfies ``until``, SIGKILL it; the complete lines it wrote."""
+    log = tmp_path / "child.log"
+    job = job | {"log": str(log)}
+    zygote.stdin.write(json.dumps(job) + "\n")
+    zygote.stdin.flush()
+    pid = json.loads(zygote.stdout.readline())["pid"]
+    end = time.monotonic() + deadline
+    text = ""
+    while time.monotonic() < end:
+        text = log.read_text() if log.exists() else ""
+        if until(text) or "Traceback" in text:
+            break
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(500):  # wait until the kernel has reaped it (bounded)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail(f"process {pid} survived SIGKILL")
+    assert "Traceback" not in text, text
+    assert until(text), f"the scenario never got there: {text!r}"
+    return log.read_text().split("\n")[:-1]
+
+
+def copy_ledger(seeded_db, tmp_path) -> Path:
+    folder, _ = seeded_db
+    shutil.copy(folder / "edits.db", tmp_path / "edits.db")
+    shutil.copytree(folder / "edits.db.patches", tmp_path / "edits.db.patches")
+    return tmp_path / "edits.db"
+
+
+def check_restart(model_dir, db: Path) -> Ledger:
+    """What a restarted process sees: a consistent ledger, and weights equal to the independent replay."""
+    ledger = Ledger(db)  # recovery runs here
+    assert ledger.verify() == []
+    assert not ledger.entries("pending")
+    model, _ = fresh(model_dir)
+    ledger.sync(model)
+    assert weights_digest(model) == independent_digest(model_dir, ledger)
+    return ledger
+
+
+@pytest.mark.parametrize(
+    "stage,committed",
+    [
+        ("edit-computing", False),
+        ("edit-file-written", False),
+        ("edit-in-transaction", False),
+        ("edit-committed", True),
+        ("revert-in-transaction", False),
+        ("revert-committed", True),
+    ],
+)
+def test_sigkill_mid_edit_or_revert_leaves_a_consistent_ledger(
+    zygote, seeded_db, model_dir, tmp_path, stage, committed
+):
+    _, (a, b) = seeded_db
+    db = copy_ledger(seeded_db, tmp_path)
+    job = {"stage": stage, "db": str(db), "requests": [request(2)], "hparams": HPARAMS, "revert_id": a}
+    run_and_kill(zygote, job, tmp_path, lambda text: f"at {stage}" in text)
+    ledger = check_restart(model_dir, db)
+    states = {e.id: e.state for e in ledger.entries()}
+    if stage.startswith("edit"):
+        new = [i for i in states if i not in (a, b)]
+        assert len(new) == 1, states  # the intent was recorded in every case
+        assert states[new[0]] == ("applied" if committed else "aborted")
+        assert states[a] == states[b] == "applied"
+    else:
+        assert states == {a: "reverted" if committed else "applied", b: "applied"}
+
+
+def test_sigkill_at_a_random_moment_loses_no_acknowledged_edit(zygote, seeded_db, model_dir, tmp_path):
+    _, (a, b) = seeded_db
+    db = copy_ledger(seeded_db, tmp_path)
+    job = {"stage": "loop", "db": str(db), "requests": [request(i) for i in range(4)], "hparams": HPARAMS}
+    random.seed(7)
+    delay = random.uniform(0.0, 0.05)
+
+    def after_some_acks(text: str) -> bool:
+        if sum(line.startswith(("applied ", "reverted ")) for line in text.split("\n")[:-1]) >= 3:
+            time.sleep(delay)
+            return True
+        return False
+
+    log = run_and_kill(zygote, job, tmp_path, after_some_acks)
+    ledger = check_restart(model_dir, db)
+    states = {e.id: e.state for e in ledger.entries()}
+    acks = [line.split() for line in log if line.startswith(("applied ", "reverted "))]
+    assert len(acks) >= 3
+    for action, edit_id in acks:
+        if action == "applied":
+            assert states[edit_id] in ("applied", "reverted")
+        else:
+            assert states[edit_id] == "reverted"
+    assert set(states.values()) <= {"applied", "reverted", "aborted"}

@@ -1,0 +1,330 @@
+"""The HTTP service on a tiny llama: endpoints, auth, bounds, JSON errors, OpenAPI, replay on start, and
+concurrent clients on loopback that must never see half-applied weights."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_model
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from modeledit import Ledger, Patch
+from modeledit import patch as patch_module
+from modeledit.cli import app as cli_app
+from modeledit.ledger import weights_digest
+from modeledit.methods.ft import FineTune
+from modeledit.models import load_model
+from modeledit.server import Limits, ServerThread, check_bind, create_app
+
+TOKEN = "test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PROMPT = "The capital of France is"
+EDIT = {
+    "method": "ft",
+    "prompt": "The capital of {} is",
+    "subject": "France",
+    "target_new": "Quux",
+    "hparams": {"steps": 10, "lr": 0.05},
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_app(model_dir, db, **kwargs):
+    model, tok = load_model(str(model_dir))
+    return create_app(model, tok, Ledger(db), token=TOKEN, **kwargs), model
+
+
+@pytest.fixture
+def client(model_dir, tmp_path):
+    app, _ = make_app(model_dir, tmp_path / "edits.db", limits=Limits(max_new_tokens=16, max_body_bytes=4096))
+    with TestClient(app) as c:
+        yield c
+
+
+def generate(c, prompt=PROMPT, n=8) -> str:
+    r = c.post("/v1/generate", json={"prompt": prompt, "max_new_tokens": n})
+    assert r.status_code == 200, r.text
+    return r.json()["text"]
+
+
+def test_health_methods_and_openapi(client):
+    health = client.get("/healthz").json()
+    assert health["status"] == "ok" and health["applied_edits"] == 0 and len(health["fingerprint"]) == 32
+    methods = client.get("/v1/methods").json()
+    assert methods["default"] == "ft-l" and {"ft", "ft-l"} <= set(methods["methods"])
+    schema = client.get("/openapi.json").json()
+    assert {"/healthz", "/v1/generate", "/v1/score", "/v1/edits", "/v1/edits/{edit_id}"} <= set(
+        schema["paths"]
+    )
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    page = client.get("/")
+    assert page.status_code == 200 and "edit-form" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_generate_and_score(client):
+    text = generate(client)
+    assert text == generate(client)  # greedy: deterministic
+    r = client.post("/v1/score", json={"prompt": PROMPT, "continuations": ["Paris", "Quux"]})
+    assert r.status_code == 200, r.text
+    scores = r.json()["scores"]
+    assert [s["continuation"] for s in scores] == ["Paris", "Quux"]
+    assert all(s["logprob"] < 0 and s["tokens"] == len(s["continuation"]) + 1 for s in scores)
+
+
+@pytest.mark.parametrize(
+    "path,body,status,message",
+    [
+        ("/v1/generate", {"prompt": PROMPT, "max_new_tokens": 17}, 422, "at most 16"),
+        ("/v1/generate", {"prompt": PROMPT, "max_new_tokens": 0}, 422, "max_new_tokens"),
+        ("/v1/generate", {"max_new_tokens": 3}, 422, "prompt: Field required"),
+        ("/v1/generate", {"prompt": "x" * 3000}, 422, "prompt"),
+        ("/v1/generate", {"prompt": "x" * 100, "max_new_tokens": 3, "extra": 1}, 422, "extra"),
+        ("/v1/generate", {"prompt": "x" * 5000}, 413, "larger than 4096 bytes"),
+        ("/v1/score", {"prompt": PROMPT, "continuations": []}, 422, "continuations"),
+        ("/v1/score", {"prompt": PROMPT, "continuations": ["a"] * 17}, 422, "continuations"),
+        ("/v1/nothing", {}, 404, "Not Found"),
+    ],
+)
+def test_bad_requests_get_json_errors_with_the_right_code(client, path, body, status, message):
+    r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["status"] == status and message in r.json()["error"]
+
+
+def test_a_chunked_body_over_the_limit_is_refused(client):
+    r = client.post(
+        "/v1/generate", content=iter([b"{" * 3000, b" " * 3000]), headers={"Content-Type": "json"}
+    )
+    assert r.status_code == 413 and "larger than" in r.json()["error"]
+
+
+def test_write_endpoints_need_the_token(client):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+        r = client.post("/v1/edits", json=EDIT, headers=headers)
+        assert r.status_code == 401 and "bearer token" in r.json()["error"], r.text
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert client.delete("/v1/edits/abc", headers=headers).status_code == 401
+    assert client.get("/v1/edits").json() == []
+
+
+def test_cross_site_writes_are_refused(client):
+    """A page elsewhere cannot post an edit: no JSON without a preflight, and a foreign Origin is refused."""
+    r = client.post("/v1/edits", content=json.dumps(EDIT), headers=AUTH | {"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]
+    r = client.post("/v1/edits", content=json.dumps(EDIT), headers=AUTH)  # no Content-Type at all
+    assert r.status_code == 415
+    r = client.post("/v1/edits", json=EDIT, headers=AUTH | {"Origin": "http://evil.example"})
+    assert r.status_code == 403 and "cross-origin" in r.json()["error"]
+    r = client.delete("/v1/edits/abc", headers=AUTH | {"Origin": "http://evil.example"})
+    assert r.status_code == 403
+    assert client.get("/v1/edits").json() == []
+
+
+def test_edit_list_get_revert(client, model_dir):
+    before = generate(client)
+    r = client.post("/v1/edits", json=EDIT, headers=AUTH)
+    assert r.status_code == 201, r.text
+    entry = r.json()
+    m = entry["metrics"]["requests"][0]
+    assert entry["state"] == "applied" and entry["method"] == "ft" and entry["hparams"]["steps"] == 10
+    assert m["p_new_after"] > m["p_new_before"] and m["answer_before"] == before
+    after = generate(client)
+    assert after != before and after == m["answer_after"] and "Quux" in after
+    assert client.get("/healthz").json()["applied_edits"] == 1
+    assert [e["id"] for e in client.get("/v1/edits").json()] == [entry["id"]]
+    assert client.get("/v1/edits", params={"state": "reverted"}).json() == []
+    assert client.get(f"/v1/edits/{entry['id']}").json()["patch_sha256"] == entry["patch_sha256"]
+    assert client.get("/v1/edits/feedbeef0000").status_code == 404
+
+    r = client.delete(f"/v1/edits/{entry['id']}", headers=AUTH)
+    assert r.status_code == 200 and r.json()["state"] == "reverted", r.text
+    assert generate(client) == before
+    r = client.delete(f"/v1/edits/{entry['id']}", headers=AUTH)
+    assert r.status_code == 409 and "not applied" in r.json()["error"]
+    assert client.delete("/v1/edits/feedbeef0000", headers=AUTH).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"method": "nope"}, "unknown method 'nope'"),
+        ({"method": "mend", "hparams": {}}, "no trained MEND editor"),  # not available for this model
+        ({"hparams": {"bogus": 1}}, "unknown hyperparameter"),
+        ({"hparams": {"steps": 10_000}}, "at most 200"),
+        ({"target_new": ""}, "target_new"),
+        ({"prompt": "The capital of {} is", "subject": None}, "subject"),
+        ({"unexpected": 1}, "unexpected"),
+    ],
+)
+def test_bad_edits_are_422_and_leave_the_model_alone(client, change, message):
+    before = generate(client)
+    r = client.post("/v1/edits", json=EDIT | change, headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert message in r.json()["error"]
+    assert generate(client) == before and client.get("/healthz").json()["applied_edits"] == 0
+
+
+def test_restart_replays_the_ledger_and_follows_other_processes(model_dir, tmp_path):
+    db = tmp_path / "edits.db"
+    app, model = make_app(model_dir, db)
+    with TestClient(app) as c:
+        ids = [c.post("/v1/edits", json=EDIT | {"subject": s}, headers=AUTH).json()["id"] for s in ("A", "B")]
+        c.delete(f"/v1/edits/{ids[0]}", headers=AUTH)
+        edited, digest = generate(c), weights_digest(model)
+    app2, model2 = make_app(model_dir, db)  # a restart: fresh base model, same database
+    with TestClient(app2) as c:
+        assert generate(c) == edited and weights_digest(model2) == digest
+        assert c.get("/healthz").json()["applied_edits"] == 1
+        Ledger(db).revert(ids[1])  # another process, e.g. `modeledit ledger revert`
+        generate(c)
+        assert c.get("/healthz").json()["applied_edits"] == 0
+        assert weights_digest(model2) == weights_digest(load_model(str(model_dir))[0])
+
+
+def test_host_header_is_checked_when_asked(model_dir, tmp_path):
+    app, _ = make_app(model_dir, tmp_path / "edits.db", allowed_hosts=["127.0.0.1", "testserver"])
+    with TestClient(app) as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/healthz", headers={"Host": "rebound.example"}).status_code == 400
+
+
+def test_no_token_no_listening_beyond_loopback(monkeypatch):
+    monkeypatch.delenv("MODELEDIT_API_TOKEN", raising=False)
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_bind(host, None)
+    for host in ("0.0.0.0", "192.168.1.5", "example.org", "::"):
+        with pytest.raises(ValueError, match="MODELEDIT_API_TOKEN"):
+            check_bind(host, None)
+        check_bind(host, "a-token")
+    result = CliRunner().invoke(
+        cli_app, ["serve", "--model", "no-model-needed", "--db", "x.db", "--host", "0.0.0.0"]
+    )
+    assert result.exit_code == 2 and "refusing to serve on 0.0.0.0" in result.output, result.output
+
+
+def test_concurrent_clients_never_see_half_applied_weights(model_dir, tmp_path, monkeypatch):
+    """4 clients score a prompt in bounded loops over real loopback HTTP while edits are computed, applied
+    and reverted. Applying and reverting are slowed down parameter by parameter, and computing an edit
+    takes a while: without the locks a client would see a half-applied state; every score must equal
+    the score of a complete state, and clients must get answers while an edit is being computed."""
+    apply_add = Patch._add_to
+
+    def slow_add(self, params):
+        for name in self.deltas:
+            apply_add(Patch(deltas={name: self.deltas[name]}, fingerprint="", method=""), params)
+            time.sleep(0.01)
+
+    rebuild = patch_module._rebuild
+
+    def slow_rebuild(model, state, touched):
+        for name in sorted(touched):
+            rebuild(model, state, {name})
+            time.sleep(0.01)
+
+    compute = FineTune.compute_deltas
+
+    def slow_compute(self, requests):
+        time.sleep(0.3)
+        return compute(self, requests)
+
+    monkeypatch.setattr(Patch, "_add_to", slow_add)
+    monkeypatch.setattr(patch_module, "_rebuild", slow_rebuild)
+    monkeypatch.setattr(FineTune, "compute_deltas", slow_compute)
+    torch.set_num_threads(1)
+
+    app, _ = make_app(model_dir, tmp_path / "edits.db")
+    body = {"prompt": PROMPT, "continuations": ["Quux"]}
+    results: list[tuple[float, float]] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def client_loop():
+        with httpx.Client(timeout=30) as c:
+            for _ in range(300):  # bounded
+                if stop.is_set():
+                    return
+                r = c.post(server.url + "/v1/score", json=body)
+                if r.status_code != 200:
+                    errors.append(r.text)
+                    return
+                results.append((time.monotonic(), r.json()["scores"][0]["logprob"]))
+
+    with ServerThread(app) as server, httpx.Client(timeout=60) as main:
+
+        def score() -> float:
+            return main.post(server.url + "/v1/score", json=body).json()["scores"][0]["logprob"]
+
+        valid = [score()]
+        threads = [threading.Thread(target=client_loop) for _ in range(4)]
+        for t in threads:
+            t.start()
+        windows = []
+        try:
+            for subject in ("France", "Xer"):
+                start = time.monotonic()
+                r = main.post(server.url + "/v1/edits", json=EDIT | {"subject": subject}, headers=AUTH)
+                windows.append((start, time.monotonic()))
+                assert r.status_code == 201, r.text
+                valid.append(score())
+                r = main.delete(f"{server.url}/v1/edits/{r.json()['id']}", headers=AUTH)
+                assert r.status_code == 200, r.text
+                valid.append(score())
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert abs(valid[1] - valid[0]) > 0.5 and abs(valid[3] - valid[0]) > 0.5  # the edits change the score
+    assert abs(valid[2] - valid[0]) < 1e-5 and abs(valid[4] - valid[0]) < 1e-5  # revert restores it
+    assert len(results) > 20
+    half_applied = [lp for _, lp in results if min(abs(lp - v) for v in valid) > 1e-4]
+    assert not half_applied, (half_applied[:5], valid)
+    during = [t for t, _ in results if any(a < t < b for a, b in windows)]
+    assert during, "no client got an answer while an edit was being computed"
+
+
+def test_modeledit_serve_wires_token_limits_host_check_and_replay(model_dir, tmp_path, monkeypatch):
+    """The `serve` command up to uvicorn: the app it would serve replays the ledger, takes the token from
+    the environment, bounds max_new_tokens, checks Host headers (uvicorn itself runs in other tests)."""
+    import uvicorn
+
+    db = tmp_path / "edits.db"
+    model, tok = load_model(str(model_dir))
+    Ledger(db).edit(
+        model, tok, {"prompt": PROMPT, "target_new": "Quux"}, method="ft", hparams=EDIT["hparams"]
+    )
+    checked = {}
+
+    def fake_run(app, host, port, log_level):
+        checked.update(host=host, port=port)
+        with TestClient(app, base_url=f"http://{host}:{port}") as c:
+            assert c.get("/healthz").json()["applied_edits"] == 1  # replayed on start
+            assert c.post("/v1/edits", json=EDIT).status_code == 401
+            r = c.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 6})
+            assert r.status_code == 422 and "at most 5" in r.json()["error"]
+            assert c.post("/v1/edits", json=EDIT, headers=AUTH).status_code == 201
+            assert c.get("/healthz", headers={"Host": "rebound.example"}).status_code == 400
+        checked["ok"] = True
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setenv("MODELEDIT_API_TOKEN", TOKEN)
+    args = ["serve", "--model", str(model_dir), "--db", str(db), "--port", "8765", "--max-new-tokens", "5"]
+    result = CliRunner().invoke(cli_app, args)
+    assert result.exception is None and result.exit_code == 0, result.output
+    assert checked == {"host": "127.0.0.1", "port": 8765, "ok": True}
+    assert [e.state for e in Ledger(db).entries()] == ["applied", "applied"]
