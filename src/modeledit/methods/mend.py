@@ -11,8 +11,9 @@ MEND edits with a learned transform of these factors instead of the raw gradient
     W~ = W - alpha_l * sum_t delta~_t u~_t^T                    a low-rank patch; alpha_l learned per layer
 
 One network serves every edited matrix of one shape. It is trained (``modeledit train mend``) to minimise
-c_edit * NLL(target_new | edit prompt and paraphrase; W~) + c_loc * KL(p_W || p_W~) on unrelated inputs,
-with gradients through W~ into the network and the alphas (u and delta are detached: first order).
+c_edit * NLL(target_new | edit prompt and paraphrase; W~) + c_loc * KL(p_W || p_W~) on neighbourhood answers
+and unrelated text, with gradients through W~ into the network and the alphas (u and delta are detached:
+first order).
 
 The paper writes each layer as z + relu(s * (U V z + b) + o). With U = 0 (identity at init) that
 pre-activation is exactly 0 and ReLU passes no gradient, so nothing could ever train; here the ReLU sits
@@ -56,12 +57,8 @@ class EditorNotTrainedError(ValueError):
 class MENDConfig:
     """MEND: a trained network turns the edit's gradient into a low-rank update (needs a trained editor)."""
 
-    editor_path: str | None = (
-        None  # folder with mend.json + mend.safetensors; None: the shipped editor for this model
-    )
-    modules: list[str] | None = (
-        None  # edited linear layers; None: the MLP matrices of the last num_blocks blocks
-    )
+    editor_path: str | None = None  # folder with mend.json + mend.safetensors; None: the shipped one
+    modules: list[str] | None = None  # edited linear layers; None: MLP matrices of the last num_blocks
     num_blocks: int = 3
     rank: int = 64  # rank of the editor network's layers (the paper uses 1920)
     alpha_init: float = 1e-4  # initial per-layer step size alpha_l
@@ -263,7 +260,11 @@ class MEND(Editor):
         ]
 
     def training_loss(self, batch: MetaBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """c_edit * NLL(target_new | edit prompts, paraphrases; W~) + c_loc * KL(p_W || p_W~) on loc rows."""
+        """c_edit * NLL(target_new | edit prompts, paraphrases; W~) + c_loc * KL(p_W || p_W~) on loc rows.
+
+        The KL is taken at every label position of the locality rows: the answer tokens of neighbourhood
+        prompts (their mean KL) plus the tokens of unrelated texts (their mean KL).
+        """
         c, k = self.config, batch.k
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         shift = 0 if self.arch.is_seq2seq else 1  # aligned logits drop the last position of decoder-only rows
@@ -287,10 +288,20 @@ class MEND(Editor):
                 width = loc["labels"].shape[1] - shift
                 before, after = base_logits[k:, :width], logits[n_gen:, :width]
                 mask = labels[n_gen:, :width] != -100
-                kl = kl_on_positions(before, after, mask)
+                agree = (before.argmax(-1) == after.argmax(-1)) & mask
+                # Neighbours and texts each get their own mean KL: a neighbour's one or two answer tokens must
+                # not be drowned by the many tokens of an unrelated sentence.
+                neighbour = torch.arange(len(mask), device=mask.device) < batch.n_neighbours
+                kl = torch.zeros((), device=mask.device)
+                for key, rows in (("nb", neighbour), ("text", ~neighbour)):
+                    if rows.any():
+                        kl_part = kl_on_positions(before[rows], after[rows], mask[rows])
+                        kl = kl + kl_part
+                        stats[f"kl_{key}"] = kl_part.item()
+                        share = agree[rows].sum() / mask[rows].sum().clamp(min=1)
+                        stats[f"agree_{key}"] = 100.0 * share.item()
                 loss = loss + c.c_loc * kl
-                agree = ((before.argmax(-1) == after.argmax(-1)) & mask).sum() / mask.sum().clamp(min=1)
-                stats |= {"kl": kl.item(), "loc_agree": 100.0 * agree.item()}
+                stats["kl"] = kl.item()
         if n_gen > batch.n_new:  # success: the new target beats the true one (rewrite, then paraphrase rows)
             success = (nll[: batch.n_new] < nll[batch.n_new :]).float().detach() * 100
             stats["es"] = float(success[:k].mean())

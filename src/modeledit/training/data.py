@@ -43,10 +43,9 @@ class MetaBatch:
     requests: list[EditRequest]
     edit: dict[str, torch.Tensor]
     gen: dict[str, torch.Tensor]
-    n_new: (
-        int  # rows of ``gen`` scored with target_new; rows [n_new:] repeat them with target_true (if known)
-    )
+    n_new: int  # rows of ``gen`` scored with target_new; rows [n_new:] repeat them with target_true
     loc: dict[str, torch.Tensor] | None
+    n_neighbours: int = 0  # rows [:n_neighbours] of ``loc`` are neighbourhood prompts, the rest texts
 
     @property
     def k(self) -> int:
@@ -54,7 +53,7 @@ class MetaBatch:
 
 
 def meta_batch(
-    tokenizer, requests: list[EditRequest], texts: list[str], seq2seq: bool = False, max_text_tokens: int = 32
+    tokenizer, requests: list[EditRequest], texts: list[str], seq2seq: bool = False, max_text_tokens: int = 24
 ) -> MetaBatch:
     """Tokenize k edits (with their paraphrases and neighbours) and some unrelated texts into a MetaBatch."""
     prompts = [r.text for r in requests] + [p for r in requests for p in r.paraphrase_prompts]
@@ -79,6 +78,7 @@ def meta_batch(
         gen=gen,
         n_new=len(prompts),
         loc=concat_batches(loc_parts, pad) if loc_parts else None,
+        n_neighbours=len(neighbours),
     )
 
 
@@ -110,12 +110,8 @@ class EditBatches:
     def __getitem__(self, i: int) -> MetaBatch:
         epoch, j = divmod(i, len(self))
         if self._order[0] != epoch:
-            self._order = (
-                epoch,
-                random.Random(self.seed * 100_003 + epoch).sample(
-                    range(len(self.requests)), len(self.requests)
-                ),
-            )
+            n = len(self.requests)
+            self._order = (epoch, random.Random(self.seed * 100_003 + epoch).sample(range(n), n))
         order = self._order[1]
         requests = [self.requests[o] for o in order[j * self.k : (j + 1) * self.k]]
         texts = random.Random(self.seed * 100_003 + 7919 * i + 1).sample(self.texts, self.texts_per_batch)

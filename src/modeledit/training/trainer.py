@@ -5,6 +5,8 @@ A learned editor is any object with
     training_loss(batch) -> (loss, stats)   a differentiable loss and floats to log (validation uses them too)
     train(mode: bool)                       training / evaluation mode (MEND: normalisation statistics update)
     save(directory) / load(directory)       the editor's own files (load copies into the existing parameters)
+    finish_training(directory) -> dict      optional: run once after the best editor is loaded (ENN writes its
+                                            meta-trained base model); the dict goes to metrics["editor"]
 
 ``train_editor`` runs Adam with gradient accumulation and clipping, validates every ``val_every`` steps on
 held-out batches, keeps the best editor (lowest validation loss) in ``out_dir``, stops early when the
@@ -183,6 +185,9 @@ def train_editor(
     if state["best"] is not None:
         editor.load(out_dir)
     editor.train(False)
+    # Optional last step once the best state is loaded (ENN writes its new base model).
+    finish = getattr(editor, "finish_training", None)
+    finished = finish(out_dir) if callable(finish) else None
     metrics = {
         "config": asdict(c),
         "steps": state["step"],
@@ -193,6 +198,8 @@ def train_editor(
         "final_val": last_val,
         "history": state["history"],
     }
+    if finished:
+        metrics["editor"] = finished
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_curves(state["history"], out_dir / "curves.png")
@@ -205,7 +212,19 @@ def plot_curves(history: list[dict], path: str | Path) -> None:
 
     keys = [
         k
-        for k in ("loss", "edit_nll", "kl", "es", "ps", "loc_agree", "alpha")
+        for k in (
+            "loss",
+            "edit_nll",
+            "kl",
+            "es",
+            "ps",
+            "kl_nb",
+            "agree_nb",
+            "agree_text",
+            "alpha",
+            "kl_base",
+            "lambda",
+        )
         if any(k in h for h in history)
     ]
     if not keys:

@@ -1,0 +1,311 @@
+"""MEND: exact gradient decomposition, identity at init, descent, frozen normalisation, files, low-rank
+patches, batched edits, clear errors, and a real learning test (training raises held-out edit success)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_model
+from typer.testing import CliRunner
+
+from modeledit import EditRequest, create_editor
+from modeledit.cli import app
+from modeledit.lm import mean_nll, target_batch
+from modeledit.methods.mend import (
+    MEND,
+    EditorNotTrainedError,
+    GradientTransform,
+    MENDConfig,
+    gradient_factors,
+)
+from modeledit.patch import LowRank
+from modeledit.training import (
+    EditBatches,
+    TrainConfig,
+    meta_batch,
+    train_editor,
+    validate,
+    validation_batches,
+)
+
+REQUEST = EditRequest(
+    prompt="The capital of {} is",
+    subject="Zorbia",
+    target_new="Quux",
+    target_true="Paris",
+    paraphrase_prompts=["Zorbia's capital city is"],
+    neighborhood_prompts=["The capital of France is"],
+    neighborhood_answers=["Paris"],
+)
+TEXTS = ["Water boils at one hundred degrees.", "The museum is closed on Mondays."]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and lose a lot when other processes share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic_edits(n: int, seed: int = 0) -> list[EditRequest]:
+    """Made-up subjects moved between made-up cities, with a paraphrase and a neighbour each."""
+    rng = random.Random(seed)
+    cities = ["Paris", "Rome", "Oslo", "Lima", "Kyiv", "Bern", "Doha", "Riga"]
+
+    def name() -> str:
+        return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(3)).title()
+
+    edits = []
+    for _ in range(n):
+        subject, other = name(), name()
+        true, new = rng.sample(cities, 2)
+        edits.append(
+            EditRequest(
+                prompt="{} lives in",
+                subject=subject,
+                target_new=new,
+                target_true=true,
+                paraphrase_prompts=[f"The home of {subject} is"],
+                neighborhood_prompts=[f"{other} lives in"],
+                neighborhood_answers=[rng.choice(cities)],
+            )
+        )
+    return edits
+
+
+def fresh_editor(arch: str = "llama", **config) -> MEND:
+    return MEND.for_training(tiny_model(arch), char_tokenizer(), MENDConfig(**config))
+
+
+def target_nll(model, tokenizer, request: EditRequest = REQUEST) -> float:
+    with torch.no_grad():
+        return float(mean_nll(model, target_batch(tokenizer, [request.text], [request.target_new]))[0])
+
+
+def weight_grads(
+    model, tokenizer, modules: list[str], requests: list[EditRequest]
+) -> dict[str, torch.Tensor]:
+    """Autograd's gradient of the summed per-edit mean NLL w.r.t. each weight, in storage layout."""
+    params = dict(model.named_parameters())
+    leaves = {f"{m}.weight": params[f"{m}.weight"].detach().requires_grad_(True) for m in modules}
+    batch = target_batch(tokenizer, [r.text for r in requests], [r.target_new for r in requests])
+    loss = mean_nll(model, batch, params=leaves).sum()
+    return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sum_of_token_outer_products_is_the_weight_gradient(arch, tokenizer):
+    editor = fresh_editor(arch)
+    modules = list(editor.network.shapes)
+    factors = gradient_factors(editor.model, tokenizer, [REQUEST], modules)
+    grads = weight_grads(editor.model, tokenizer, modules, [REQUEST])
+    for m in modules:
+        u, delta = factors[m]
+        assert u.shape[0] == delta.shape[0] > 0 and (u != 0).any(-1).all() and (delta != 0).any(-1).all()
+        grad = grads[f"{m}.weight"]
+        grad_out_in = grad.T if arch == "gpt2" else grad  # GPT-2's Conv1D stores (in, out)
+        torch.testing.assert_close(delta.T @ u, grad_out_in, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_untrained_editor_is_exactly_one_sgd_step(arch, tokenizer):
+    lr = 1e-3
+    editor = fresh_editor(arch, alpha_init=lr)
+    patch = editor.edit([REQUEST])
+    grads = weight_grads(editor.model, tokenizer, list(editor.network.shapes), [REQUEST])
+    assert set(patch.deltas) == set(grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(patch.dense(name), -lr * grad, rtol=1e-5, atol=1e-10)
+
+
+def test_descent_one_untrained_step_lowers_the_edit_loss(tokenizer):
+    # W~ = W - alpha * pseudo-gradient: the reference code's "+" would raise the loss instead.
+    editor = fresh_editor(alpha_init=1e-2)
+    before = target_nll(editor.model, tokenizer)
+    patch = editor.edit([REQUEST]).apply(editor.model)
+    after = target_nll(editor.model, tokenizer)
+    patch.revert(editor.model)
+    assert after < before - 1e-3
+    with torch.no_grad():
+        editor.network.alpha.neg_()  # the ascent step goes the other way
+    editor.edit([REQUEST]).apply(editor.model)
+    assert target_nll(editor.model, tokenizer) > before
+
+
+def test_normalisation_is_welford_in_training_and_frozen_in_eval():
+    net = GradientTransform(d_out=6, d_in=4, n_layers=1, rank=3).eval()
+    u1, d1, u2, d2 = torch.randn(5, 4), torch.randn(5, 6) * 3, torch.randn(7, 4) + 2, torch.randn(7, 6)
+    u_out, d_out = net(u1, d1, 0)
+    assert torch.equal(u_out, u1) and torch.equal(d_out, d1), "before any update: mean 0, std 1, identity"
+    assert net.count == 0
+    net.train()
+    net(u1, d1, 0)
+    net(u2, d2, 0)
+    u, d = torch.cat([u1, u2]).double(), torch.cat([d1, d2]).double()
+    assert net.count == 12
+    torch.testing.assert_close(net.u_mean, u.mean(0))
+    torch.testing.assert_close(net.std("u"), u.std(0))
+    torch.testing.assert_close(net.delta_mean, d.mean(0))
+    torch.testing.assert_close(net.std("delta"), d.std(0))
+    net.eval()
+    frozen = {k: v.clone() for k, v in net.state_dict().items()}
+    u_out, _ = net(u1, d1, 0)
+    assert all(torch.equal(frozen[k], v) for k, v in net.state_dict().items())
+    torch.testing.assert_close(u_out, (u1 - u.mean(0).float()) / u.std(0).float())
+
+
+def test_training_loss_updates_statistics_only_in_training_mode(tokenizer):
+    editor = fresh_editor()
+    batch = meta_batch(tokenizer, [REQUEST], TEXTS)
+    editor.train(False)
+    loss, stats = editor.training_loss(batch)
+    assert all(float(net.count) == 0 for net in editor.network.nets.values())
+    assert {"edit_nll", "kl", "kl_nb", "kl_text", "agree_nb", "agree_text", "es", "ps"} <= set(stats)
+    assert not loss.requires_grad
+    editor.train(True)
+    loss, _ = editor.training_loss(batch)
+    assert all(float(net.count) > 0 for net in editor.network.nets.values())
+    assert loss.requires_grad
+    grads = torch.autograd.grad(loss, [editor.network.alpha])
+    assert grads[0].abs().sum() > 0, "the loss reaches the step sizes through W~"
+
+
+def test_patch_is_low_rank_and_applies_and_reverts_bit_exactly(tokenizer):
+    editor = fresh_editor(alpha_init=1e-2)
+    model = editor.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    patch = editor.edit([REQUEST])
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters()), "edit() mutated the model"
+    n_tokens = {
+        m: u.shape[0]
+        for m, (u, _) in gradient_factors(model, tokenizer, [REQUEST], list(editor.network.shapes)).items()
+    }
+    stored = 0
+    for m, (d_out, d_in) in editor.network.shapes.items():
+        delta = patch.deltas[f"{m}.weight"]
+        assert isinstance(delta, LowRank) and delta.a.shape[1] == n_tokens[m]
+        stored += n_tokens[m] * (d_out + d_in)
+    assert patch.num_stored_values() == stored  # tokens x (out + in) per matrix; the real model: test below
+    patch.apply(model)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    patch.revert(model)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_batched_edit_sums_the_single_edits(tokenizer):
+    editor = fresh_editor(alpha_init=1e-2)
+    train = EditBatches(tokenizer, synthetic_edits(8), 1, TEXTS)
+    editor.train(True)
+    editor.training_loss(train[0])  # non-trivial normalisation statistics
+    editor.train(False)
+    requests = synthetic_edits(3, seed=1)
+    batched = editor.edit(requests)
+    singles = [editor.edit([r]) for r in requests]
+    assert len(batched.requests) == 3
+    for name, delta in batched.deltas.items():
+        assert delta.a.shape[1] == sum(s.deltas[name].a.shape[1] for s in singles)
+        torch.testing.assert_close(
+            batched.dense(name), sum(s.dense(name) for s in singles), rtol=1e-4, atol=1e-7
+        )
+
+
+def test_save_load_round_trip_gives_identical_patches(tokenizer, tmp_path):
+    editor = fresh_editor()
+    editor.train(True)
+    editor.training_loss(meta_batch(tokenizer, [REQUEST], TEXTS))
+    with torch.no_grad():
+        for p in editor.network.parameters():
+            p.add_(torch.randn_like(p) * 1e-2)
+    editor.train(False)
+    editor.save(tmp_path)
+    meta = json.loads((tmp_path / "mend.json").read_text())
+    assert meta["fingerprint"] and len(meta["shapes"]) == 6 and meta["hparams"]["rank"] == 64
+    loaded = create_editor("mend", editor.model, tokenizer, editor_path=str(tmp_path))
+    a, b = editor.edit([REQUEST]), loaded.edit([REQUEST])
+    for name in a.deltas:
+        assert torch.equal(a.deltas[name].a, b.deltas[name].a) and torch.equal(
+            a.deltas[name].b, b.deltas[name].b
+        )
+
+
+def test_clear_error_without_a_trained_editor(tokenizer, tmp_path):
+    with pytest.raises(EditorNotTrainedError, match="modeledit train mend"):
+        create_editor("mend", tiny_model("llama"), tokenizer)
+    fresh_editor().save(tmp_path)  # trained for another model
+    with pytest.raises(EditorNotTrainedError, match="not this model"):
+        create_editor("mend", tiny_model("llama", seed=1), tokenizer, editor_path=str(tmp_path))
+    with pytest.raises(EditorNotTrainedError, match="holds no MEND editor"):
+        create_editor("mend", tiny_model("llama"), tokenizer, editor_path=str(tmp_path / "nowhere"))
+
+
+def test_training_raises_held_out_edit_success(tokenizer, tmp_path):
+    editor = fresh_editor(lr=1e-3, lr_alpha=1e-3)
+    train = EditBatches(tokenizer, synthetic_edits(64), 1, TEXTS, texts_per_batch=1)
+    val = validation_batches(tokenizer, synthetic_edits(16, seed=99), TEXTS, 1)
+    before = validate(editor, val)
+    metrics = train_editor(
+        editor,
+        train.__getitem__,
+        val,
+        TrainConfig(steps=60, val_every=20, patience=10),
+        tmp_path,
+        progress=False,
+    )
+    after = validate(editor, val)
+    assert after["es"] >= before["es"] + 20 and after["es"] >= 75, (before, after)
+    assert after["loss"] < before["loss"]
+    assert metrics["best_val"]["loss"] == pytest.approx(after["loss"], rel=1e-4)
+    assert (tmp_path / "mend.safetensors").exists() and (tmp_path / "curves.png").exists()
+
+
+def test_cli_train_writes_editor_curves_and_metrics(tmp_path):
+    model_dir, data = tmp_path / "model", tmp_path / "edits.json"
+    tiny_model("llama").save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    data.write_text(json.dumps([r.to_dict() for r in synthetic_edits(12)]))
+    out = tmp_path / "editor"
+    args = [
+        "train",
+        "mend",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--val-size",
+        "4",
+        "--steps",
+        "4",
+    ]
+    result = CliRunner().invoke(app, args + ["--out", str(out), "--set", "val_every=2", "--set", "rank=8"])
+    assert result.exit_code == 0, result.output
+    assert {"mend.json", "mend.safetensors", "curves.png", "metrics.json"} <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["hparams"]["rank"] == 8 and metrics["peak_rss_mb"] > 0
+    bad = CliRunner().invoke(app, args + ["--out", str(out), "--set", "nope=1"])
+    assert bad.exit_code == 2 and "unknown setting" in bad.output
+
+
+@pytest.mark.slow
+def test_shipped_editor_edits_the_default_model(default_model):
+    model, tokenizer = default_model
+    editor = create_editor("mend", model, tokenizer)  # found by the model's fingerprint
+    request = EditRequest(
+        prompt="The mother tongue of {} is",
+        subject="Danielle Darrieux",
+        target_new="English",
+        target_true="French",
+    )
+    patch = editor.edit([request])
+    dense = sum(p.numel() for n, p in model.named_parameters() if n in patch.deltas)
+    assert patch.num_stored_values() < dense / 50, "a one-edit patch is low-rank: about a megabyte, not 30"
+    before = target_nll(model, tokenizer, request)
+    patch.apply(model)
+    try:
+        assert target_nll(model, tokenizer, request) < before - 1.0
+    finally:
+        patch.revert(model)
