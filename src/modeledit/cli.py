@@ -101,7 +101,9 @@ def methods() -> None:
 @app.command()
 def demo(
     model_name: str = typer.Option("default", "--model", help="model to edit"),
-    method: str = typer.Option("ft-l", help="editing method"),
+    method: str = typer.Option(
+        "mend", help="editing method (MEND uses the editor shipped for the default model)"
+    ),
 ) -> None:
     """The main job: answers before an edit, after it, and after reverting it."""
 
@@ -389,7 +391,6 @@ def bench(
     _run(body)
 
 
-
 # -- the edit ledger and the service ----------------------------------------------------------------------
 
 ledger_app = typer.Typer(
@@ -580,13 +581,15 @@ def stats(
         model, tokenizer = _load(model_name)
         start = time.perf_counter()
         found = second_moments(model, tokenizer, list(layers), text, tokens, max_length, batch_size, seed)
-        table = Table(title=f"key statistics ({time.perf_counter() - start:.1f} s)")
-        for col in ("layer", "module", "tokens", "cached", "source", "file"):
-            table.add_column(col)
+        seconds = time.perf_counter() - start
         for layer, m in sorted(found.items()):
-            cached = "yes" if m.cached else "no"
-            table.add_row(str(layer), m.module, str(m.tokens), cached, m.source, str(m.path))
-        console.print(table)
+            how = "read from the cache" if m.cached else f"computed in {seconds:.1f} s"
+            console.print(
+                f"layer {layer} ({m.module}): E[k k^T] {tuple(m.mom2.shape)} over {m.tokens} tokens "
+                f"of {m.source}, {how}: {m.path}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     _run(body)
 
