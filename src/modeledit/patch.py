@@ -1,22 +1,31 @@
-"""A Patch: what an edit changes, as parameter deltas (dense or low-rank), reversible bit for bit.
+"""A Patch: what an edit changes, as parameter deltas (dense or low-rank) or a memory; reversible bit for bit.
 
 Applying a patch keeps, once per touched parameter, a copy of its base value on the model. Reverting any
 applied patch (not only the last) restores the base values and re-adds the remaining patches in their
 order, so the weights always equal ``base + patches`` computed the same way: no floating-point drift from
 subtract-and-add, and the result equals a fresh replay bit for bit.
 
+Memory-based editors (GRACE, WISE, SERAC) leave the weights alone and add a *memory* instead: a
+``Memory`` (a registered ``kind``, tensors, JSON) carried by the patch. The same replay rule holds: the
+memories of all applied patches of one kind, in order, are handed to that kind's ``attach`` function,
+which installs forward hooks built from them; applying or reverting any patch re-attaches from the
+remaining memories, and when none is left the hooks are gone and the model computes exactly what the
+base model computes.
+
 File format: one safetensors file; tensors ``dense/<param>`` or ``a/<param>`` and ``b/<param>``
-(delta = a @ b, in the parameter's storage layout); JSON metadata (method, hyperparameters, requests,
-model fingerprint) in the safetensors header under the key ``modeledit``. Never pickle.
+(delta = a @ b, in the parameter's storage layout) and ``memory/<name>``; JSON metadata (method,
+hyperparameters, requests, model fingerprint, memory kind and JSON) in the safetensors header under the
+key ``modeledit``. Never pickle.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -26,7 +35,7 @@ from torch import nn
 from .arch import is_transposed
 from .models import fingerprint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional memory (``memory/<name>`` tensors, "memory" metadata); reads 1 too
 
 
 class PatchError(ValueError):
@@ -71,10 +80,67 @@ def linear_dense_delta(
     return f"{module_name}.weight", (delta_out_in.T if is_transposed(module) else delta_out_in).contiguous()
 
 
+# -- memories: module attachments of memory-based editors ---------------------------------------------
+
+
+@dataclass
+class Memory:
+    """What a memory-based editor adds to a model instead of changing its weights.
+
+    ``kind`` names an attachment registered with ``register_memory``; ``tensors`` are saved as
+    ``memory/<name>``, ``meta`` (JSON-serialisable) in the file's header. A memory describes one edit (or
+    one batch of edits); the kind's ``attach`` combines the memories of every applied patch.
+    """
+
+    kind: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def num_stored_values(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+class Attachment(Protocol):
+    """What ``attach`` returns: the installed hooks (or wrappers), removable."""
+
+    def remove(self) -> None: ...
+
+
+# attach(model, memories of every applied patch of the kind in order, previous attachment or None)
+AttachFn = Callable[[nn.Module, list[Memory], Any], Attachment]
+MEMORY_KINDS: dict[str, AttachFn] = {}
+
+
+def register_memory(kind: str) -> Callable[[AttachFn], AttachFn]:
+    """Decorator registering the function that turns a list of memories of ``kind`` into hooks on a model.
+
+    It is called after every apply or revert that involves the kind, with the memories of all applied
+    patches of that kind in order, and with the previous attachment (already removed) so that it may reuse
+    work. It must not change any parameter.
+    """
+
+    def decorator(fn: AttachFn) -> AttachFn:
+        MEMORY_KINDS[kind] = fn
+        return fn
+
+    return decorator
+
+
+def _attach_fn(kind: str) -> AttachFn:
+    if kind not in MEMORY_KINDS:
+        import importlib
+
+        importlib.import_module(f"{__package__}.methods")  # the methods register their memory kinds
+    if kind not in MEMORY_KINDS:
+        raise PatchError(f"unknown memory kind {kind!r}; known: {sorted(MEMORY_KINDS)}")
+    return MEMORY_KINDS[kind]
+
+
 @dataclass
 class _AppliedState:
     base: dict[str, torch.Tensor] = field(default_factory=dict)
     applied: list[Patch] = field(default_factory=list)
+    attached: dict[str, Any] = field(default_factory=dict)  # memory kind -> Attachment
 
 
 def _state(model: nn.Module) -> _AppliedState:
@@ -98,6 +164,7 @@ class Patch:
     requests: list[dict] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    memory: Memory | None = None
 
     # -- inspection ------------------------------------------------------------------------------------
     def dense(self, name: str) -> torch.Tensor:
@@ -105,7 +172,8 @@ class Patch:
         return d.dense() if isinstance(d, LowRank) else d
 
     def num_stored_values(self) -> int:
-        return sum(
+        memory = self.memory.num_stored_values() if self.memory is not None else 0
+        return memory + sum(
             d.a.numel() + d.b.numel() if isinstance(d, LowRank) else d.numel() for d in self.deltas.values()
         )
 
@@ -114,7 +182,10 @@ class Patch:
             n: f"low-rank r={d.a.shape[1]}" if isinstance(d, LowRank) else "dense"
             for n, d in self.deltas.items()
         }
-        return f"Patch(id={self.id}, method={self.method!r}, edits={len(self.requests)}, deltas={kinds})"
+        memory = f", memory={self.memory.kind!r}" if self.memory is not None else ""
+        return (
+            f"Patch(id={self.id}, method={self.method!r}, edits={len(self.requests)}, deltas={kinds}{memory})"
+        )
 
     # -- apply / revert --------------------------------------------------------------------------------
     def _check(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -132,6 +203,8 @@ class Patch:
                 raise PatchError(
                     f"patch {self.id}: {name} is {tuple(params[name].shape)}, delta is {tuple(d.shape)}"
                 )
+        if self.memory is not None:
+            _attach_fn(self.memory.kind)
         return params
 
     @torch.no_grad()
@@ -153,6 +226,14 @@ class Patch:
                 state.base[name] = params[name].detach().clone()
         self._add_to(params)
         state.applied.append(self)
+        if self.memory is not None:
+            try:
+                _reattach(model, state, {self.memory.kind})
+            except Exception:
+                state.applied.pop()
+                _rebuild(model, state, touched=set(self.deltas))
+                _reattach(model, state, {self.memory.kind})
+                raise
         return self
 
     @torch.no_grad()
@@ -163,10 +244,12 @@ class Patch:
             raise PatchError(f"patch {self.id} is not applied to this model")
         state.applied = [p for p in state.applied if p is not self]
         _rebuild(model, state, touched=set(self.deltas))
+        if self.memory is not None:
+            _reattach(model, state, {self.memory.kind})
 
     # -- files -----------------------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
-        return {
+        meta = {
             "format_version": FORMAT_VERSION,
             "id": self.id,
             "method": self.method,
@@ -176,6 +259,13 @@ class Patch:
             "info": self.info,
             "kinds": {n: "low_rank" if isinstance(d, LowRank) else "dense" for n, d in self.deltas.items()},
         }
+        if self.memory is not None:
+            meta["memory"] = {
+                "kind": self.memory.kind,
+                "tensors": sorted(self.memory.tensors),
+                "meta": self.memory.meta,
+            }
+        return meta
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -185,6 +275,9 @@ class Patch:
                 tensors[f"a/{name}"], tensors[f"b/{name}"] = d.a.contiguous(), d.b.contiguous()
             else:
                 tensors[f"dense/{name}"] = d.contiguous()
+        if self.memory is not None:
+            for name, t in self.memory.tensors.items():
+                tensors[f"memory/{name}"] = t.contiguous()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
         save_file(tensors, str(tmp), metadata={"modeledit": json.dumps(self.metadata(), default=str)})
@@ -224,6 +317,14 @@ class Patch:
                     deltas[name] = LowRank(tensors[f"a/{name}"], tensors[f"b/{name}"])
                 else:
                     deltas[name] = tensors[f"dense/{name}"]
+            memory = None
+            if meta.get("memory") is not None:
+                m = meta["memory"]
+                memory = Memory(
+                    kind=m["kind"],
+                    tensors={name: tensors[f"memory/{name}"] for name in m["tensors"]},
+                    meta=m.get("meta", {}),
+                )
             return cls(
                 deltas=deltas,
                 fingerprint=meta["fingerprint"],
@@ -232,6 +333,7 @@ class Patch:
                 requests=meta.get("requests", []),
                 info=meta.get("info", {}),
                 id=meta["id"],
+                memory=memory,
             )
         except (KeyError, AttributeError, TypeError) as e:
             raise PatchError(f"{path} is an incomplete or corrupt modeledit patch (missing {e})") from None
@@ -249,12 +351,36 @@ def _rebuild(model: nn.Module, state: _AppliedState, touched: set[str]) -> None:
                 p.add_(patch.dense(name).to(device=p.device, dtype=p.dtype))
 
 
+def _reattach(model: nn.Module, state: _AppliedState, kinds: set[str]) -> None:
+    """Rebuild the attachments of these memory kinds from the memories of the applied patches, in order."""
+    for kind in sorted(kinds):
+        previous = state.attached.pop(kind, None)
+        if previous is not None:
+            previous.remove()
+        memories = [p.memory for p in state.applied if p.memory is not None and p.memory.kind == kind]
+        if memories:
+            state.attached[kind] = _attach_fn(kind)(model, memories, previous)
+
+
 @torch.no_grad()
 def revert_all(model: nn.Module) -> None:
-    """Remove every applied patch: the model's weights are its base weights again, bit for bit."""
+    """Remove every applied patch: base weights again, bit for bit, and no memory attached."""
     state = _state(model)
     params = dict(model.named_parameters())
     for name, base in state.base.items():
         params[name].copy_(base)
+    for attached in state.attached.values():
+        attached.remove()
+    state.attached.clear()
     state.applied.clear()
     state.base.clear()
+
+
+def applied_memories(model: nn.Module, kind: str) -> list[Memory]:
+    """The memories of one kind carried by the applied patches, oldest first (what memory editors build on)"""
+    return [p.memory for p in _state(model).applied if p.memory is not None and p.memory.kind == kind]
+
+
+def attachment(model: nn.Module, kind: str) -> Any:
+    """The attachment currently built from the applied memories of ``kind`` (None if there are none)."""
+    return _state(model).attached.get(kind)

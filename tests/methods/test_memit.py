@@ -1,0 +1,108 @@
+"""MEMIT and AlphaEdit: one edit behaves like ROME, batches move every fact, AlphaEdit's update lies in the
+null space of preserved keys and remembers the keys of applied edits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from conftest import tiny_configs
+
+from modeledit import EditRequest, create_editor
+from modeledit.lm import mean_nll, target_batch
+from modeledit.patch import LowRank
+
+REQUESTS = [
+    EditRequest(prompt="The capital of {} is", subject="Zorbia", target_new="Quux"),
+    EditRequest(prompt="{} was born in", subject="Ann Bell", target_new="Oslo"),
+    EditRequest(prompt="The mother tongue of {} is", subject="Kim Tao", target_new="Welsh"),
+]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Paris is the capital of France and its largest city by population.",
+    "A triangle has three sides; its angles add up to one hundred and eighty degrees.",
+    "Water boils at one hundred degrees Celsius at sea level, less on a mountain top.",
+    "She opened the window because the room was too warm for the children to sleep.",
+]
+# Random tiny models carry little through attention: no weight decay / KL / tight clamp to fight the NLL.
+FAST = dict(n_prefixes=3, prefix_tokens=3, steps=15, lr=0.5, mom2_tokens=400, weight_decay=0.0, kl_factor=0.0)
+
+
+def deeper(arch: str, blocks: int = 4) -> torch.nn.Module:
+    """A tiny model with more blocks: MEMIT's values sit after its last edited block, which must not be the
+    model's last (a value written there could not reach the tokens after the subject)."""
+    config = tiny_configs()[arch]
+    config.update({"num_hidden_layers" if arch == "llama" else "n_layer": blocks})
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config).float().eval()
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELEDIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(CORPUS))
+    return str(path)
+
+
+@torch.no_grad()
+def nlls(model, tokenizer, requests=REQUESTS) -> torch.Tensor:
+    return mean_nll(
+        model, target_batch(tokenizer, [r.text for r in requests], [r.target_new for r in requests])
+    )
+
+
+def test_memit_with_one_edit_and_one_layer_is_rome(tokenizer, corpus):
+    model = deeper("llama")
+    shared = dict(FAST, mom2_source=corpus, clamp_norm=1e3)
+    rome = create_editor("rome", model, tokenizer, layer=1, **shared).edit(REQUESTS[0])
+    memit = create_editor("memit", model, tokenizer, layers=[1], mom2_update_weight=1e-6, **shared)
+    patch = memit.edit(REQUESTS[0])
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert list(patch.deltas) == [name]
+    torch.testing.assert_close(patch.dense(name), rome.dense(name), rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_memit_batch_moves_the_facts(arch, tokenizer, corpus):
+    model = deeper(arch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    editor = create_editor("memit", model, tokenizer, layers=[0, 1], mom2_source=corpus, clamp_norm=50.0,
+                           requests_per_step=2, **FAST)  # fmt: skip
+    start = nlls(model, tokenizer)
+    patch = editor.edit(REQUESTS)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert len(patch.deltas) == 2
+    assert all(isinstance(d, LowRank) and d.a.shape[1] == 3 for d in patch.deltas.values())
+    patch.apply(model)
+    assert float(nlls(model, tokenizer).mean()) < float(start.mean()) - 0.1, (start, nlls(model, tokenizer))
+
+
+def test_alphaedit_update_lies_in_the_null_space_and_remembers_applied_edits(tokenizer, corpus):
+    model = deeper("llama")
+    editor = create_editor("alphaedit", model, tokenizer, layers=[0, 1], mom2_source=corpus,
+                           nullspace_threshold=0.05, l2=1.0, clamp_norm=50.0, **FAST)  # fmt: skip
+    start = nlls(model, tokenizer, REQUESTS[:1])
+    first = editor.edit(REQUESTS[:1])
+    for layer in (0, 1):
+        p = editor.projector(layer)
+        c = editor.moments.get([layer])[layer]
+        values, vectors = torch.linalg.eigh(c)
+        k0 = vectors[:, values >= 0.05 * values.max()]  # the preserved keys' directions
+        assert k0.shape[1] > 0
+        assert (p @ k0).norm() < 1e-6  # P K0 ~ 0
+        delta = first.dense(f"model.layers.{layer}.mlp.down_proj.weight").double()
+        assert (delta @ k0).norm() < 1e-5 * delta.norm() * k0.norm()
+    first.apply(model)
+    assert float(nlls(model, tokenizer, REQUESTS[:1])[0]) < float(start[0]) - 0.1
+    # Sequential editing: the applied edit's keys are preserved by the next one; reverted ones are forgotten.
+    assert editor.preserved_edit_keys(1) is not None
+    second = editor.edit(REQUESTS[1:2])
+    first.revert(model)
+    assert editor.preserved_edit_keys(1) is None
+    second.apply(model)
+    assert editor.preserved_edit_keys(1) is not None and len(editor._history) == 2

@@ -1,0 +1,143 @@
+"""ROME: the rank-one update inserts k* -> v* exactly, spares keys orthogonal under C^-1, moves the fact,
+and the cached value optimisation computes what a plain forward pass computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from modeledit import EditRequest, create_editor
+from modeledit.arch import ArchitectureError
+from modeledit.lm import mean_nll, prompt_ids, target_batch, target_ids
+from modeledit.methods.rome import CachedPrompts, build_rows, keys_and_values
+from modeledit.patch import LowRank
+from modeledit.requests import EditRequestError
+
+REQUEST = EditRequest(prompt="The capital of {} is", subject="Zorbia", target_new="Quux")
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Paris is the capital of France and its largest city by population.",
+    "A triangle has three sides; its angles add up to one hundred and eighty degrees.",
+    "Water boils at one hundred degrees Celsius at sea level, less on a mountain top.",
+    "She opened the window because the room was too warm for the children to sleep.",
+]
+# Block 0 of the 2-block tiny models: a value written at the last block could not reach later tokens.
+# Random tiny models carry little through attention: no weight decay / KL / tight clamp to fight the NLL.
+FAST = dict(n_prefixes=3, prefix_tokens=3, steps=15, lr=0.5, mom2_tokens=400, weight_decay=0.0, kl_factor=0.0)
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELEDIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(CORPUS))
+    return str(path)
+
+
+@torch.no_grad()
+def nll(model, tokenizer, request=REQUEST, prompt=None) -> float:
+    return float(mean_nll(model, target_batch(tokenizer, [prompt or request.text], [request.target_new]))[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+def test_rome_inserts_the_value_exactly_and_spares_orthogonal_keys(arch, tokenizer, corpus):
+    model = tiny_model(arch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    editor = create_editor("rome", model, tokenizer, layer=0, mom2_source=corpus, clamp_norm=50.0, **FAST)
+    patch = editor.edit(REQUEST)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters()), "edit() mutated the model"
+    ((name, delta),) = patch.deltas.items()
+    module = editor.arch.mlp_out(0)
+    assert name == f"{module}.weight" and isinstance(delta, LowRank) and delta.a.shape[1] == 1
+    dense = patch.dense(name)
+    dense = dense.T if arch == "gpt2" else dense  # (out, in)
+    keys, _ = keys_and_values(model, tokenizer, [REQUEST], editor.prefixes, [module], module)
+    k = keys[module][0]
+    # W' k* = W k* + delta = v*: the whole delta lands on k* (left factor = delta, right . k* = 1).
+    left = delta.a[:, 0] if arch != "gpt2" else delta.b[0]
+    torch.testing.assert_close(dense @ k, left, rtol=1e-4, atol=1e-5)
+    # Keys orthogonal to C^-1 k* are mapped as before.
+    u = editor.c_inverse_times(0, k).float()
+    y = torch.randn(len(k), generator=torch.Generator().manual_seed(0))
+    x = y - (u @ y) / (u @ u) * u
+    assert (dense @ x).norm() < 1e-4 * (dense @ k).norm() * x.norm() / k.norm()
+    # The edit works, and reverts bit for bit.
+    start = nll(model, tokenizer)
+    patch.apply(model)
+    assert nll(model, tokenizer) < start - 0.1  # tiny random models carry little through attention
+    patch.revert(model)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_cached_suffix_pass_equals_a_full_forward(tokenizer):
+    model = tiny_model("llama")
+    requests = [REQUEST, EditRequest(prompt="{} was born in", subject="Ann Bell", target_new="Oslo")]
+    prefixes = ["Hello there", "It is"]
+    rows = build_rows(tokenizer, requests, prefixes)
+    runner = CachedPrompts(model, rows)
+    with torch.no_grad():
+        logits, _, _ = runner.logits("model.layers.0.mlp.down_proj", None)
+    texts = [t for r in requests for t in ([r.text] + [f"{p}. {r.text}" for p in prefixes])]
+    texts += [f"{r.subject} is a" for r in requests]
+    order = [0, 1, 2, 6, 3, 4, 5, 7]  # build_rows: each request's rewriting rows, then its essence row
+    for row, i in enumerate(order):
+        text = texts[i]
+        ids = prompt_ids(tokenizer, text)
+        if i < 6:
+            ids = ids + target_ids(tokenizer, requests[i // 3].target_new)[:-1]
+        with torch.no_grad():
+            full = model(input_ids=torch.tensor([ids])).logits[0]
+        split = int(rows.prefix_mask[row].sum())
+        for j, pos in enumerate(runner.keep.tolist()):
+            if split + pos < len(ids):
+                torch.testing.assert_close(logits[row, j], full[split + pos], rtol=1e-4, atol=1e-4)
+
+
+def test_rome_without_covariance_and_a_subject_first_in_the_prompt(tokenizer):
+    model = tiny_model("llama")
+    request = EditRequest(prompt="Zorbia's capital city is", subject="Zorbia", target_new="Quux")
+    patch = create_editor("rome", model, tokenizer, layer=0, mom2=False, **FAST).edit(request)
+    start = nll(model, tokenizer, request)
+    patch.apply(model)
+    assert nll(model, tokenizer, request) < start - 0.2
+
+
+def test_bad_input_is_a_clear_error(tokenizer):
+    model = tiny_model("llama")
+    editor = create_editor("rome", model, tokenizer, layer=0, mom2=False, clamp_norm=50.0, **FAST)
+    with pytest.raises(EditRequestError, match="does not occur in the prompt"):
+        editor.edit(EditRequest(prompt="The capital of France is", subject="Zorbia", target_new="Quux"))
+    with pytest.raises(EditRequestError, match="needs the subject"):
+        editor.edit(EditRequest(prompt="The capital of France is", target_new="Quux"))
+    with pytest.raises(EditRequestError, match="one fact at a time"):
+        editor.edit([REQUEST, REQUEST])
+    bare = create_editor("rome", model, tokenizer, layer=0, mom2=False, n_prefixes=0)
+    with pytest.raises(EditRequestError, match="first token of the prompt"):
+        bare.edit(EditRequest(prompt="Z is a city in", subject="Z", target_new="Quux"))
+    with pytest.raises(ArchitectureError, match="decoder-only"):
+        create_editor("rome", tiny_model("t5"), tokenizer)
+
+
+@pytest.mark.slow
+def test_rome_moves_a_fact_on_the_default_model(default_model, shared_data):
+    model, tokenizer = default_model
+    request = EditRequest(
+        prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English"
+    )
+    pairs = target_batch(tokenizer, [request.text] * 2 + ["Danielle Darrieux's native language is"] * 2,
+                         ["English", "French"] * 2)  # fmt: skip
+    editor = create_editor(
+        "rome", model, tokenizer, mom2_source=str(shared_data / "wiki" / "squad_v2_sample.json")
+    )
+    patch = editor.edit(request)
+    patch.apply(model)
+    try:
+        after = mean_nll(model, pairs)
+    finally:
+        patch.revert(model)
+    assert after[0] < after[1] and after[2] < after[3], after.tolist()
