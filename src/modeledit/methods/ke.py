@@ -2,9 +2,9 @@
 
 A hypernetwork conditioned on the edit turns the edit's gradient into the update of each edited matrix W
 (out, in). The condition is the text ``"<prediction> >> <target_new> || <prompt>"`` (prediction: the
-record's ``target_true``, the model's current answer in CounterFact; without one, the model's greedy
-continuation), embedded with the model's own (frozen) input embeddings and read by a small bidirectional
-LSTM into a vector c. Per edited matrix j, a linear head of c gives
+record's ``target_true``, a stand-in for the model's current answer that saves a generation; without one,
+the model's greedy continuation), embedded with the model's own (frozen) input embeddings and read by a
+small bidirectional LSTM into a vector c. Per edited matrix j, a linear head of c gives
 
     m_out (out), m_in (in)      a gated rank-1 mask   M = sigmoid(m_out) sigmoid(m_in)^T   (in [0, 1])
     o_out (out), o_in (in)      a rank-1 offset       O = o_out o_in^T
