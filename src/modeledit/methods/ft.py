@@ -31,7 +31,8 @@ class FTConfig:
     stop_nll: float = 0.05  # stop once every edit's target NLL is below this
     norm_constraint: float | None = None  # L-inf bound on each weight's change (None: unconstrained)
     kl_weight: float = 0.0  # weight of KL(original || edited) on locality texts
-    locality_texts: list[str] | None = None  # None: a built-in set of unrelated sentences
+    locality_texts: list[str] | None = None  # None: built-in unrelated sentences
+    locality_batch: int = 6  # locality texts per step, cycling through them (full-vocabulary KL is costly)
     seed: int = 0
 
 
@@ -86,18 +87,24 @@ class FineTune(Editor):
             self.tokenizer, [r.text for r in requests], [r.target_new for r in requests], seq2seq
         )
         if c.kl_weight > 0:
-            loc = text_batch(self.tokenizer, c.locality_texts or default_locality_texts())
-            with torch.no_grad():
-                loc_before, loc_labels = aligned_logits(self.model, loc)
-        for _ in range(c.steps):
+            texts = c.locality_texts or default_locality_texts()
+            loc_batches = [
+                text_batch(self.tokenizer, texts[i : i + c.locality_batch])
+                for i in range(0, len(texts), c.locality_batch)
+            ]
+            with torch.no_grad():  # the original model's predictions, computed once
+                loc_before = [aligned_logits(self.model, b) for b in loc_batches]
+        for step in range(c.steps):
             edited = {n: base[n] + deltas[n] for n in names}
             nll = mean_nll(self.model, batch, params=edited)
             if nll.max().item() < c.stop_nll:
                 break
             loss = nll.mean()
             if c.kl_weight > 0:
-                loc_after, _ = aligned_logits(self.model, loc, params=edited)
-                loss = loss + c.kl_weight * kl_on_positions(loc_before, loc_after, loc_labels != -100)
+                j = step % len(loc_batches)
+                before, labels = loc_before[j]
+                after, _ = aligned_logits(self.model, loc_batches[j], edited)
+                loss = loss + c.kl_weight * kl_on_positions(before, after, labels != -100)
             grads = torch.autograd.grad(loss, list(deltas.values()))
             for d, g in zip(deltas.values(), grads):
                 d.grad = g
