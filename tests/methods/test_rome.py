@@ -93,9 +93,11 @@ def test_cached_suffix_pass_equals_a_full_forward(tokenizer):
         with torch.no_grad():
             full = model(input_ids=torch.tensor([ids])).logits[0]
         split = int(rows.prefix_mask[row].sum())
-        for j, pos in enumerate(runner.keep.tolist()):
-            if split + pos < len(ids):
-                torch.testing.assert_close(logits[row, j], full[split + pos], rtol=1e-4, atol=1e-4)
+        pairs = (runner.pair_row == row).nonzero().flatten().tolist()
+        assert pairs  # every row has a target or the KL position
+        for p in pairs:
+            pos = int(runner.pair_pos[p])
+            torch.testing.assert_close(logits[p], full[split + pos], rtol=1e-4, atol=1e-4)
 
 
 def test_rome_without_covariance_and_a_subject_first_in_the_prompt(tokenizer):

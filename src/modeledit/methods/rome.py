@@ -183,6 +183,9 @@ class CachedPrompts:
         needed = (rows.labels != -100) | (torch.arange(s)[None] == rows.kl_pos[:, None])
         cols = needed.any(0).nonzero().flatten()
         self.keep = torch.arange(int(cols.min()), int(cols.max()) + 1, device=device)
+        # The (row, suffix position) pairs whose logits the loss needs: the LM head runs on these only.
+        pair_row, pair_pos = needed.nonzero(as_tuple=True)
+        self.pair_row, self.pair_pos = pair_row.to(device), pair_pos.to(device)
         with torch.no_grad():
             out = model(
                 input_ids=rows.prefix_ids.to(device),
@@ -196,9 +199,9 @@ class CachedPrompts:
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def logits(self, module: str, delta: torch.Tensor | None, capture_key: str | None = None):
-        """Logits at suffix positions ``self.keep`` (rows x kept positions x vocabulary); with
-        ``capture_key``, also that module's input at suffix position 0 and ``module``'s output there (before
-        the delta)."""
+        """Logits (pairs x vocabulary) at the pairs ``(self.pair_row, self.pair_pos)`` that carry a target
+        token or the KL term; with ``capture_key``, also that module's input at suffix position 0; and
+        ``module``'s output there (before the delta)."""
         owner = self.rows.owner.to(self.device)
         seen: dict[str, torch.Tensor] = {}
 
@@ -212,18 +215,31 @@ class CachedPrompts:
             bump[:, 0] = delta[owner].to(out.dtype)
             return out + bump
 
+        first = int(self.keep[0])
+
+        def gather(head, args):  # (rows, kept positions, hidden) -> (1, pairs, hidden) before the LM head
+            return (args[0][self.pair_row, self.pair_pos - first].unsqueeze(0), *args[1:])
+
         names = [module] + ([capture_key] if capture_key and capture_key != module else [])
-        with Trace(
-            self.model, names, capture_input=capture_key is not None, capture_output=False, edit_output=add
-        ) as tr:
-            logits = self.model(
-                input_ids=self.rows.suffix_ids.to(self.device),
-                attention_mask=self.mask,
-                position_ids=self.positions,
-                **{self.cache_arg: _copy_cache(self.cache)},
-                use_cache=True,
-                logits_to_keep=self.keep,
-            ).logits
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(gather)
+        try:
+            with Trace(
+                self.model,
+                names,
+                capture_input=capture_key is not None,
+                capture_output=False,
+                edit_output=add,
+            ) as tr:
+                logits = self.model(
+                    input_ids=self.rows.suffix_ids.to(self.device),
+                    attention_mask=self.mask,
+                    position_ids=self.positions,
+                    **{self.cache_arg: _copy_cache(self.cache)},
+                    use_cache=True,
+                    logits_to_keep=self.keep,
+                ).logits[0]
+        finally:
+            handle.remove()
         key = tr[capture_key].input[:, 0].detach() if capture_key else None
         return logits, key, seen.get("value")
 
@@ -261,10 +277,16 @@ def optimise_values(
     runner = CachedPrompts(model, rows)
     device = runner.device
     owner = rows.owner.to(device)
-    labels = rows.labels[:, runner.keep.cpu()].to(device)
+    pair_row = runner.pair_row
+    pair_label = rows.labels.to(device)[pair_row, runner.pair_pos]
+    is_target = pair_label != -100
+    target_row, target_label = pair_row[is_target], pair_label[is_target]
+    kl_pairs = (~is_target).nonzero().flatten()
+    kl_rows = pair_row[kl_pairs]
     rewriting = rows.rewriting.to(device)
-    kl_rows = (~rewriting).nonzero().flatten()
-    kl_pos = (rows.kl_pos.to(device)[kl_rows] - int(runner.keep[0])).clamp(min=0)
+    target_count = torch.zeros(len(owner), device=device).index_add(
+        0, target_row, torch.ones(len(target_row), device=device)
+    )
     per_request = torch.zeros(n_requests, len(owner), device=device)
     per_request[owner[rewriting], rewriting.nonzero().flatten()] = 1.0
     per_request = per_request / per_request.sum(1, keepdim=True).clamp(min=1)
@@ -284,16 +306,17 @@ def optimise_values(
             delta = torch.zeros(n_requests, hidden, device=device, requires_grad=True)
             opt = torch.optim.Adam([delta], lr=s.lr)
             with torch.no_grad():
-                kl_init = torch.log_softmax(logits[kl_rows, kl_pos].float(), -1)
+                kl_init = torch.log_softmax(logits[kl_pairs].float(), -1)
         logp = torch.log_softmax(logits.float(), -1)
-        mask = labels != -100
-        picked = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask
-        row_nll = -picked.sum(1) / mask.sum(1).clamp(min=1)
+        picked = logp[is_target].gather(-1, target_label[:, None])[:, 0]
+        row_nll = -torch.zeros(len(owner), device=device).index_add(
+            0, target_row, picked
+        ) / target_count.clamp(min=1)
         nll = per_request @ row_nll  # (requests,)
         out["nll"] = nll.detach()
         if step == s.steps or bool((nll < s.stop_nll).all()):
             break
-        kl_now = logp[kl_rows, kl_pos]
+        kl_now = logp[kl_pairs]
         kl = F.kl_div(kl_init, kl_now, log_target=True, reduction="none").sum(
             -1
         )  # KL(now || init) per KL row
