@@ -26,13 +26,11 @@ NLL + val_kl_weight * max(C - margin, 0).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..arch import architecture, linear_shape
@@ -42,6 +40,7 @@ from ..lm import aligned_logits, generate
 from ..models import fingerprint
 from ..patch import Delta, linear_delta
 from ..requests import EditRequest
+from ..training.checkpoint import read_editor_files, with_saved_hparams, write_editor_files
 from ..training.data import MetaBatch
 from .enn import locality_kl, row_nll, success_stats
 
@@ -284,31 +283,14 @@ class KE(Editor):
             "hparams": hparams,
         }
         tensors = {k: v.detach().contiguous() for k, v in self.network.state_dict().items()}
-        tmp = directory / (WEIGHTS_FILE + ".partial")
-        save_file(tensors, str(tmp), metadata={"modeledit": json.dumps(meta)})
-        tmp.replace(directory / WEIGHTS_FILE)
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-        return directory
+        return write_editor_files(directory, "ke", meta, tensors)
 
     def load(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        if not (directory / CONFIG_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
-            raise KEError(f"{directory} holds no KnowledgeEditor ({CONFIG_FILE} + {WEIGHTS_FILE})")
-        meta = json.loads((directory / CONFIG_FILE).read_text())
-        fp = fingerprint(self.model)
-        if meta["fingerprint"] != fp:
-            raise KEError(
-                f"the KnowledgeEditor in {directory} was trained for model {meta.get('model')} "
-                f"({meta['fingerprint']}), not this model ({fp}); train one with `modeledit train ke`"
-            )
-        known = {f.name for f in dataclasses.fields(KEConfig)} - {"editor_path"}
-        self.config = dataclasses.replace(
-            self.config, **{k: v for k, v in meta["hparams"].items() if k in known}
-        )
+        meta, tensors = read_editor_files(directory, "ke", self.model, "KnowledgeEditor", KEError)
+        self.config = with_saved_hparams(self.config, meta)
         if self.network is None:
             shapes = {m: tuple(s) for m, s in meta["shapes"].items()}
             self.network = KENetwork(shapes, meta["embed_dim"], self.config.hidden, self.config.lr_init)
-        tensors = load_file(str(directory / WEIGHTS_FILE))
         self.network.load_state_dict(tensors)
 
     def _editor_dir(self) -> Path:

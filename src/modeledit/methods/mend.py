@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..arch import architecture, linear_shape
@@ -40,6 +39,7 @@ from ..lm import aligned_logits, is_seq2seq, kl_on_positions, target_batch
 from ..models import fingerprint
 from ..patch import Delta, linear_delta
 from ..requests import EditRequest
+from ..training.checkpoint import read_editor_files, with_saved_hparams, write_editor_files
 from ..training.data import MetaBatch, concat_batches
 
 EDITORS_DIR = (
@@ -327,34 +327,16 @@ class MEND(Editor):
             k: (v.to(dtype) if v.is_floating_point() and v.dtype != torch.float64 else v).contiguous()
             for k, v in self.network.state_dict().items()
         }
-        tmp = directory / (WEIGHTS_FILE + ".partial")
-        save_file(tensors, str(tmp), metadata={"modeledit": json.dumps(meta)})
-        tmp.replace(directory / WEIGHTS_FILE)
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-        return directory
+        return write_editor_files(directory, "mend", meta, tensors)
 
     def load(self, directory: str | Path) -> None:
         """Load a trained editor; it must have been trained for this very model (same fingerprint)."""
-        directory = Path(directory)
-        if not (directory / CONFIG_FILE).exists() or not (directory / WEIGHTS_FILE).exists():
-            raise EditorNotTrainedError(f"{directory} holds no MEND editor ({CONFIG_FILE} + {WEIGHTS_FILE})")
-        meta = json.loads((directory / CONFIG_FILE).read_text())
-        fp = fingerprint(self.model)
-        if meta["fingerprint"] != fp:
-            raise EditorNotTrainedError(
-                f"the MEND editor in {directory} was trained for model {meta.get('model')} "
-                f"({meta['fingerprint']}), "
-                f"not this model ({fp}); train one for it with `modeledit train mend`"
-            )
-        known = {f.name for f in dataclasses.fields(MENDConfig)} - {"editor_path"}
-        self.config = dataclasses.replace(
-            self.config, **{k: v for k, v in meta["hparams"].items() if k in known}
-        )
+        meta, tensors = read_editor_files(directory, "mend", self.model, "MEND editor", EditorNotTrainedError)
+        self.config = with_saved_hparams(self.config, meta)
         if self.network is None:
             shapes = {m: tuple(s) for m, s in meta["shapes"].items()}
             self.network = MENDNetwork(shapes, self.config.rank, self.config.alpha_init)
         state = self.network.state_dict()
-        tensors = load_file(str(directory / WEIGHTS_FILE))
         self.network.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items() if k in state})
 
     def _editor_dir(self) -> Path:

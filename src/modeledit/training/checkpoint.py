@@ -1,0 +1,52 @@
+"""The file format of every learned editor: ``<name>.json`` (metadata) + ``<name>.safetensors`` (weights)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..models import fingerprint
+
+
+def write_editor_files(
+    directory: str | Path, stem: str, meta: dict, tensors: dict[str, torch.Tensor]
+) -> Path:
+    """Atomically write ``stem.safetensors`` (metadata in its header too) and ``stem.json``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f"{stem}.safetensors.partial"
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"modeledit": json.dumps(meta)}
+    )
+    tmp.replace(directory / f"{stem}.safetensors")
+    (directory / f"{stem}.json").write_text(json.dumps(meta, indent=1))
+    return directory
+
+
+def read_editor_files(
+    directory: str | Path, stem: str, model: nn.Module, what: str, error: type[Exception]
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of an editor trained for exactly this model; else ``error``, clearly."""
+    directory = Path(directory)
+    config, weights = directory / f"{stem}.json", directory / f"{stem}.safetensors"
+    if not config.exists() or not weights.exists():
+        raise error(f"{directory} holds no {what} ({config.name} + {weights.name})")
+    meta = json.loads(config.read_text())
+    fp = fingerprint(model)
+    if meta["fingerprint"] != fp:
+        raise error(
+            f"the {what} in {directory} was trained for model {meta.get('model')} ({meta['fingerprint']}), "
+            f"not this model ({fp}); train one for it with `modeledit train {meta.get('method', stem)}`"
+        )
+    return meta, load_file(str(weights))
+
+
+def with_saved_hparams(config, meta: dict):
+    """The config with the hyperparameters an editor was trained with (all but its path)."""
+    known = {f.name for f in dataclasses.fields(config)} - {"editor_path"}
+    return dataclasses.replace(config, **{k: v for k, v in meta["hparams"].items() if k in known})
