@@ -6,6 +6,8 @@
     patch = editor.edit([EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux",
                                      target_new="English")])
     patch.apply(model); patch.revert(model)
+
+Any other nn.Module: create_editor("ft", model, task="classification") edits TensorEdit(inputs, targets).
 """
 
 from .editor import available_methods, create_editor
@@ -13,8 +15,14 @@ from .ledger import Ledger
 from .models import fingerprint, load_model
 from .patch import Patch, PatchError
 from .requests import EditRequest, EditRequestError, load_requests
+from .tasks import ClassificationTask, LossTask, RegressionTask, Task, TensorEdit
 
 __all__ = [
+    "ClassificationTask",
+    "LossTask",
+    "RegressionTask",
+    "Task",
+    "TensorEdit",
     "EditRequest",
     "EditRequestError",
     "Ledger",

@@ -33,6 +33,15 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return (w.shape[1], w.shape[0]) if is_transposed(module) else (w.shape[0], w.shape[1])
 
 
+def last_linears(model: nn.Module, n: int) -> list[str]:
+    """The last ``n`` linear layers of any model, in registration order (a classifier's head and the layers
+    before it): the default edited layers of a model without transformer blocks."""
+    names = [name for name, module in model.named_modules() if is_linear(module)]
+    if not names:
+        raise ArchitectureError(f"{type(model).__name__} has no linear layer to edit")
+    return names[-n:]
+
+
 def _is_attention(module: nn.Module) -> bool:
     return "Attention" in type(module).__name__ or type(module).__name__.endswith("Attn")
 

@@ -2,42 +2,61 @@
 
 A method is one file in ``modeledit/methods``: a hyperparameter dataclass and an Editor subclass whose
 ``compute_deltas(requests)`` returns parameter deltas without touching the model's weights.
+What an edit optimises comes from a Task (``tasks.py``): a language model's EditRequests by default, or
+``TensorEdit`` inputs and targets of any ``nn.Module`` for the methods marked ``any_model``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from functools import cached_property
 from typing import Any, ClassVar
 
 from torch import nn
 
-from .arch import Architecture, architecture
+from .arch import Architecture, architecture, last_linears
 from .models import fingerprint
 from .patch import Delta, Patch
 from .requests import EditRequest, EditRequestError
+from .tasks import Task, TensorEdit, resolve_task
+
+
+def default_modules(model: nn.Module, task: Task, num_blocks: int) -> list[str]:
+    """The edited layers of the gradient-based editors: the MLP matrices of the last ``num_blocks``
+    transformer blocks; for any other model (a generic ``task``), its last ``num_blocks`` linear layers."""
+    if task.is_language_model:
+        return architecture(model).last_mlp_linears(num_blocks)
+    return last_linears(model, num_blocks)
 
 
 class Editor:
     name: ClassVar[str]
     Config: ClassVar[type]
     needs_subject: ClassVar[bool] = False
+    any_model: ClassVar[bool] = False  # edits any nn.Module through a Task (else: language models only)
 
-    def __init__(self, model: nn.Module, tokenizer, config: Any):
+    def __init__(self, model: nn.Module, tokenizer, config: Any, task: Task | str | Any = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.arch: Architecture = architecture(model)
+        self.task: Task = resolve_task(task, model, tokenizer)
+        if not self.task.is_language_model and not self.any_model:
+            generic = ", ".join(m for m in available_methods() if EDITORS[m].any_model)
+            raise ValueError(f"{self.name} edits language models only; for any other model use {generic}")
 
-    def edit(self, requests: EditRequest | list[EditRequest]) -> Patch:
+    @cached_property
+    def arch(self) -> Architecture:
+        return architecture(self.model)
+
+    def default_modules(self, num_blocks: int) -> list[str]:
+        return default_modules(self.model, self.task, num_blocks)
+
+    def edit(self, requests: EditRequest | TensorEdit | list) -> Patch:
         """Compute the patch that makes the model answer each request's target. The model is not changed."""
-        if isinstance(requests, EditRequest):
+        if isinstance(requests, (EditRequest, TensorEdit)):
             requests = [requests]
         if not requests:
             raise EditRequestError("no edit requests given")
-        max_len = getattr(self.model.config, "max_position_embeddings", None) or getattr(
-            self.model.config, "n_positions", None
-        )
-        for r in requests:
-            r.validate(needs_subject=self.needs_subject, tokenizer=self.tokenizer, max_length=max_len)
+        self.task.validate(requests, self)
         # In-place writes bump a tensor's version counter: a cheap guard that editors never mutate the model.
         versions = {n: p._version for n, p in self.model.named_parameters()}
         start = time.perf_counter()
@@ -75,8 +94,14 @@ def available_methods() -> list[str]:
     return sorted(EDITORS)
 
 
-def create_editor(method: str, model: nn.Module, tokenizer, **overrides: Any) -> Editor:
-    """An editor for ``method`` with its default hyperparameters, overridden by keyword arguments."""
+def create_editor(
+    method: str, model: nn.Module, tokenizer=None, *, task: Task | str | Any = None, **overrides: Any
+) -> Editor:
+    """An editor for ``method`` with its default hyperparameters, overridden by keyword arguments.
+
+    A language model needs its tokenizer; any other model a ``task`` ("classification", "sequence",
+    "regression", a loss function ``(outputs, targets) -> (n,)``, or a Task) and edits given as TensorEdit.
+    """
     names = available_methods()
     if method not in EDITORS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(names)}")
@@ -85,4 +110,9 @@ def create_editor(method: str, model: nn.Module, tokenizer, **overrides: Any) ->
     unknown = set(overrides) - valid
     if unknown:
         raise ValueError(f"{method}: unknown hyperparameter(s) {sorted(unknown)}; valid: {sorted(valid)}")
-    return cls(model, tokenizer, cls.Config(**overrides))
+    if task is None:
+        return cls(model, tokenizer, cls.Config(**overrides))
+    if not cls.any_model:
+        generic = ", ".join(m for m in names if EDITORS[m].any_model)
+        raise ValueError(f"{method} edits language models only; with task= use {generic}")
+    return cls(model, tokenizer, cls.Config(**overrides), task=task)

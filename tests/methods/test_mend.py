@@ -102,7 +102,7 @@ def weight_grads(
 def test_sum_of_token_outer_products_is_the_weight_gradient(arch, tokenizer):
     editor = fresh_editor(arch)
     modules = list(editor.network.shapes)
-    factors = gradient_factors(editor.model, tokenizer, [REQUEST], modules)
+    factors = gradient_factors(editor.model, editor.task, [REQUEST], modules)
     grads = weight_grads(editor.model, tokenizer, modules, [REQUEST])
     for m in modules:
         u, delta = factors[m]
@@ -183,7 +183,7 @@ def test_patch_is_low_rank_and_applies_and_reverts_bit_exactly(tokenizer):
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters()), "edit() mutated the model"
     n_tokens = {
         m: u.shape[0]
-        for m, (u, _) in gradient_factors(model, tokenizer, [REQUEST], list(editor.network.shapes)).items()
+        for m, (u, _) in gradient_factors(model, editor.task, [REQUEST], list(editor.network.shapes)).items()
     }
     stored = 0
     for m, (d_out, d_in) in editor.network.shapes.items():

@@ -36,13 +36,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..editor import Editor, register
-from ..lm import aligned_logits, kl_on_positions, text_batch
+from ..editor import Editor, default_modules, register
+from ..lm import aligned_logits, text_batch
 from ..locality import default_locality_texts
 from ..models import fingerprint
 from ..patch import Delta, linear_delta
-from ..requests import EditRequest
-from ..training.data import MetaBatch
+from ..tasks import resolve_task, row_nll
 from .mend import gradient_factors
 
 CONFIG_FILE, WEIGHTS_FILE, MODEL_DIR = "enn.json", "enn.safetensors", "model"
@@ -71,43 +70,7 @@ class ENNConfig:
     save_model: bool = True  # write the meta-trained base model to OUT/model at the end of training
 
 
-# -- helpers shared with KE ------------------------------------------------------------------------------
-
-
-def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean NLL of each row's labelled tokens, from aligned logits."""
-    mask = labels != -100
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return -(logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-
-
-def locality_kl(
-    before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor, n_neighbours: int, stats: dict, key: str
-) -> torch.Tensor:
-    """KL(before || after) over the labelled positions of the locality rows: the neighbourhood rows' mean
-    plus the unrelated texts' mean (a neighbour's one answer token is not drowned by a sentence's tokens).
-    Logits of the same batch (same alignment). Adds ``{key}_nb``, ``{key}_text`` and agreement to stats."""
-    mask = labels != -100
-    neighbour = torch.arange(len(mask), device=mask.device) < n_neighbours
-    agree = (before.argmax(-1) == after.argmax(-1)) & mask
-    kl = before.new_zeros(())
-    for part, rows in (("nb", neighbour), ("text", ~neighbour)):
-        if rows.any():
-            value = kl_on_positions(before[rows], after[rows], mask[rows])
-            kl = kl + value
-            stats[f"{key}_{part}"] = value.item()
-            stats[f"agree_{part}"] = 100.0 * (agree[rows].sum() / mask[rows].sum().clamp(min=1)).item()
-    stats[key] = kl.item()
-    return kl
-
-
-def success_stats(nll: torch.Tensor, batch: MetaBatch, stats: dict) -> None:
-    """es / ps: share of rewrite / paraphrase rows where target_new beats target_true (when both scored)."""
-    if nll.shape[0] > batch.n_new:
-        success = (nll[: batch.n_new] < nll[batch.n_new :]).float().detach() * 100
-        stats["es"] = float(success[: batch.k].mean())
-        if batch.n_new > batch.k:
-            stats["ps"] = float(success[batch.k :].mean())
+# -- helpers ---------------------------------------------------------------------------------------
 
 
 def _relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
@@ -147,6 +110,7 @@ def drawdown_texts(config) -> tuple[list[str], str]:
 class ENN(Editor):
     name = "enn"
     Config = ENNConfig
+    any_model = True
 
     def __init__(
         self,
@@ -155,8 +119,9 @@ class ENN(Editor):
         config: ENNConfig,
         theta: dict[str, nn.Parameter] | None = None,
         modules: list[str] | None = None,
+        task=None,
     ):
-        super().__init__(model, tokenizer, config)
+        super().__init__(model, tokenizer, config, task)
         self.training = False
         self.theta = theta  # name -> meta-trained weight (training only; the model itself is never changed)
         if theta is None:
@@ -166,30 +131,25 @@ class ENN(Editor):
             self.log_lr = nn.Parameter(torch.full((len(self.modules),), math.log(config.edit_lr_init)))
 
     @classmethod
-    def for_training(cls, model: nn.Module, tokenizer, config: ENNConfig) -> ENN:
+    def for_training(cls, model: nn.Module, tokenizer, config: ENNConfig, task=None) -> ENN:
         """An ENN whose theta starts as a copy of the model's edited weights (the model is left as it is)."""
-        modules = list(config.modules) if config.modules else cls._default_modules(model, config)
+        task = resolve_task(task, model, tokenizer)
+        modules = list(config.modules) if config.modules else default_modules(model, task, config.num_blocks)
         params = dict(model.named_parameters())
         theta = {f"{m}.weight": nn.Parameter(params[f"{m}.weight"].detach().clone()) for m in modules}
-        return cls(model, tokenizer, config, theta=theta, modules=modules)
-
-    @staticmethod
-    def _default_modules(model: nn.Module, config: ENNConfig) -> list[str]:
-        from ..arch import architecture
-
-        return architecture(model).last_mlp_linears(config.num_blocks)
+        return cls(model, tokenizer, config, theta=theta, modules=modules, task=task)
 
     def edit_lrs(self) -> torch.Tensor:
         return self.log_lr.detach().exp()
 
     # -- editing ----------------------------------------------------------------------------------------
-    def compute_deltas(self, requests: list[EditRequest]) -> dict[str, Delta]:
+    def compute_deltas(self, requests: list) -> dict[str, Delta]:
         if self.theta is not None:
             raise ENNError(
                 "this ENN editor is being trained: its theta is not the model's weights yet; edit with the "
                 "saved base model (OUT/model) and editor_path=OUT"
             )
-        factors = gradient_factors(self.model, self.tokenizer, requests, self.modules)
+        factors = gradient_factors(self.model, self.task, requests, self.modules)
         lrs = self.edit_lrs()
         return dict(
             linear_delta(self.model, m, -lrs[j] * factors[m][1].T, factors[m][0])
@@ -207,40 +167,39 @@ class ENN(Editor):
             {"params": [self.log_lr], "lr": self.config.lr_edit_lr},
         ]
 
-    def inner_step(self, batch: MetaBatch, create_graph: bool) -> dict[str, torch.Tensor]:
-        """theta' = theta - lr_j * grad of the summed per-edit NLL of the edit rows (one SGD step)."""
+    def inner_step(self, batch, create_graph: bool) -> dict[str, torch.Tensor]:
+        """theta' = theta - lr_j * grad of the summed per-edit loss of the edit rows (one SGD step)."""
         names = list(self.theta)
         # Second order: the inner gradient is differentiated again, which CPU flash attention's backward
         # does not support; the math backend is made of differentiable operations.
         backends = [SDPBackend.MATH] if create_graph else [SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]
         with torch.enable_grad(), sdpa_kernel(backends):
-            logits, labels = aligned_logits(self.model, batch.edit, params=self.theta)
-            inner = row_nll(logits, labels).sum()
+            inner = self.task.loss(self.task.outputs(self.model, batch.edit, self.theta), batch.edit).sum()
             grads = torch.autograd.grad(inner, [self.theta[n] for n in names], create_graph=create_graph)
         lrs = self.log_lr.exp()
         return {n: self.theta[n] - lrs[j] * g for j, (n, g) in enumerate(zip(names, grads, strict=True))}
 
-    def training_loss(self, batch: MetaBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        c = self.config
+    def training_loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """A MetaBatch (language models) or a TensorMetaBatch (any model, with a Task)."""
+        c, task = self.config, self.task
         stats: dict[str, float] = {}
         with torch.set_grad_enabled(self.training):
             edited = self.inner_step(batch, create_graph=self.training)
-            logits, labels = aligned_logits(self.model, batch.gen, params=edited)
-            nll = row_nll(logits, labels)
-            edit_loss = nll[: batch.n_new].mean()
+            gen_out = task.outputs(self.model, batch.gen, edited)
+            gen_loss = task.loss(gen_out, batch.gen)
+            edit_loss = gen_loss[: batch.n_new].mean()
             loss = c.c_edit * edit_loss
             stats["edit_nll"] = edit_loss.item()
             if batch.loc is not None:
                 with torch.no_grad():
-                    original, loc_labels = aligned_logits(self.model, batch.loc)
-                base, _ = aligned_logits(self.model, batch.loc, params=self.theta)
-                after, _ = aligned_logits(self.model, batch.loc, params=edited)
-                kl = locality_kl(base, after, loc_labels, batch.n_neighbours, stats, "kl")
-                base_stats: dict[str, float] = {}
-                kl_base = locality_kl(original, base, loc_labels, batch.n_neighbours, base_stats, "kl_base")
-                stats["kl_base"] = base_stats["kl_base"]
+                    original = task.outputs(self.model, batch.loc)
+                base = task.outputs(self.model, batch.loc, self.theta)
+                after = task.outputs(self.model, batch.loc, edited)
+                kl = task.locality_penalty(base, after, batch, stats, "kl")
+                kl_base = task.locality_penalty(original, base, batch, {}, "kl_base")
+                stats["kl_base"] = kl_base.item()
                 loss = loss + c.c_loc * kl + c.c_base * kl_base
-        success_stats(nll, batch, stats)
+        task.success_stats(gen_out, gen_loss.detach(), batch, stats)
         stats["alpha"] = self.log_lr.exp().mean().item()  # the mean edit step size (plotted as "alpha")
         return loss, stats
 
@@ -293,12 +252,22 @@ class ENN(Editor):
 
     def finish_training(self, directory: str | Path) -> dict:
         """After training (best theta loaded): write the new base model to OUT/model, record its fingerprint
-        and the drawdown it costs (unrelated-text perplexity, ENN base vs original) in enn.json."""
+        and the drawdown it costs (unrelated-text perplexity, ENN base vs original) in enn.json. Models other
+        than language models: only the fingerprint of ``base_model()``, which the caller keeps or saves."""
         from ..models import load_model
 
         directory = Path(directory)
         if not (directory / CONFIG_FILE).exists():
             self.save(directory)
+        if not self.task.is_language_model:
+            # Any other model: the caller keeps the base (``editor.base_model()``); record its fingerprint.
+            info = {
+                "edit_lrs": self.log_lr.detach().exp().tolist(),
+                "base_fingerprint": fingerprint(self.base_model()),
+            }
+            meta = json.loads((directory / CONFIG_FILE).read_text()) | info
+            (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+            return info
         texts, source = drawdown_texts(self.config)
         ppl_original = text_perplexity(self.model, self.tokenizer, texts)
         ppl_base = text_perplexity(self.model, self.tokenizer, texts, params=self.theta)

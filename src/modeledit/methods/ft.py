@@ -1,8 +1,10 @@
 """Fine-tuning baselines: FT (chosen layers, no constraint), FT-L (ROME's FT+L: one MLP matrix, L-inf bound on
 the change) and FT-KL (the MEND paper's FT+KL: a KL penalty keeping unrelated outputs close to the original).
 
-All three minimise the mean NLL of ``target_new`` after the prompt over the trainable deltas with Adam.
-The model is never modified: its forward pass runs with ``W + delta`` substituted (``functional_call``).
+All three minimise the task's per-edit loss (a language model: the mean NLL of ``target_new`` after the
+prompt) over the trainable deltas with Adam. The model is never modified: its forward pass runs with
+``W + delta`` substituted (``functional_call``). FT and FT-KL edit any model (``task=``); FT-L is ROME's
+language-model baseline.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..editor import Editor, register
-from ..lm import aligned_logits, kl_on_positions, mean_nll, target_batch, text_batch
 from ..locality import default_locality_texts
 from ..patch import Delta
-from ..requests import EditRequest
+from ..requests import EditRequestError
+from ..tasks import cat_inputs
 
 
 @dataclass
@@ -24,14 +26,14 @@ class FTConfig:
 
     modules: list[str] | None = None  # explicit module names; overrides layers/num_blocks
     layers: list[int] | None = None  # blocks whose MLP matrices are trained (None: the last num_blocks)
-    num_blocks: int = 3
+    num_blocks: int = 3  # models without transformer blocks: the last num_blocks linear layers
     only_mlp_out: bool = False  # train only each block's MLP output projection
     lr: float = 1e-4
     steps: int = 25
-    stop_nll: float = 0.05  # stop once every edit's target NLL is below this
+    stop_nll: float = 0.05  # stop once every edit's loss (target NLL) is below this
     norm_constraint: float | None = None  # L-inf bound on each weight's change (None: unconstrained)
-    kl_weight: float = 0.0  # weight of KL(original || edited) on locality texts
-    locality_texts: list[str] | None = None  # None: built-in unrelated sentences
+    kl_weight: float = 0.0  # weight of KL(original || edited) on locality texts (any model: locality_inputs)
+    locality_texts: list[str] | None = None  # None: built-in unrelated sentences (language models)
     locality_batch: int = 6  # locality texts per step, cycling through them (full-vocabulary KL is costly)
     seed: int = 0
 
@@ -58,6 +60,7 @@ class FTKLConfig(FTConfig):
 class FineTune(Editor):
     name = "ft"
     Config = FTConfig
+    any_model = True
 
     def default_layers(self) -> list[int]:
         n = self.arch.num_layers
@@ -67,6 +70,8 @@ class FineTune(Editor):
         c = self.config
         if c.modules:
             return list(c.modules)
+        if not self.task.is_language_model:
+            return self.default_modules(c.num_blocks)
         if self.arch.is_seq2seq and c.layers is None:
             return self.arch.last_mlp_linears(c.num_blocks)
         layers = c.layers if c.layers is not None else self.default_layers()
@@ -74,37 +79,43 @@ class FineTune(Editor):
             return [self.arch.mlp_out(layer) for layer in layers]
         return [name for layer in layers for name in self.arch.mlp_linears(layer)]
 
-    def compute_deltas(self, requests: list[EditRequest]) -> dict[str, Delta]:
-        c = self.config
+    def locality_batches(self, requests: list) -> list:
+        """Batches of what must not change: locality texts (language models) or the edits' locality_inputs."""
+        c, task = self.config, self.task
+        if task.is_language_model:
+            texts = c.locality_texts or default_locality_texts()
+            return [
+                task.locality_batch(texts[i : i + c.locality_batch])
+                for i in range(0, len(texts), c.locality_batch)
+            ]
+        given = [r.locality_inputs for r in requests if r.locality_inputs is not None]
+        if not given:
+            raise EditRequestError(f"{self.name} (kl_weight > 0) needs TensorEdit.locality_inputs")
+        return [task.locality_batch(cat_inputs(given))]  # small models: all of them at every step
+
+    def compute_deltas(self, requests: list) -> dict[str, Delta]:
+        c, task = self.config, self.task
         torch.manual_seed(c.seed)
         names = [f"{m}.weight" for m in self.edited_modules()]
         params = dict(self.model.named_parameters())
         base = {n: params[n].detach() for n in names}
         deltas = {n: torch.zeros_like(w, requires_grad=True) for n, w in base.items()}
         opt = torch.optim.Adam(deltas.values(), lr=c.lr)
-        seq2seq = self.arch.is_seq2seq
-        batch = target_batch(
-            self.tokenizer, [r.text for r in requests], [r.target_new for r in requests], seq2seq
-        )
+        batch = task.edit_batch(requests)
         if c.kl_weight > 0:
-            texts = c.locality_texts or default_locality_texts()
-            loc_batches = [
-                text_batch(self.tokenizer, texts[i : i + c.locality_batch])
-                for i in range(0, len(texts), c.locality_batch)
-            ]
-            with torch.no_grad():  # the original model's predictions, computed once
-                loc_before = [aligned_logits(self.model, b) for b in loc_batches]
+            loc_batches = self.locality_batches(requests)
+            with torch.no_grad():  # the original model's outputs, computed once
+                loc_before = [task.outputs(self.model, b) for b in loc_batches]
         for step in range(c.steps):
             edited = {n: base[n] + deltas[n] for n in names}
-            nll = mean_nll(self.model, batch, params=edited)
-            if nll.max().item() < c.stop_nll:
+            losses = task.loss(task.outputs(self.model, batch, edited), batch)
+            if losses.max().item() < c.stop_nll:
                 break
-            loss = nll.mean()
+            loss = losses.mean()
             if c.kl_weight > 0:
                 j = step % len(loc_batches)
-                before, labels = loc_before[j]
-                after, _ = aligned_logits(self.model, loc_batches[j], edited)
-                loss = loss + c.kl_weight * kl_on_positions(before, after, labels != -100)
+                after = task.outputs(self.model, loc_batches[j], edited)
+                loss = loss + c.kl_weight * task.divergence(loc_before[j], after, loc_batches[j])
             grads = torch.autograd.grad(loss, list(deltas.values()))
             for d, g in zip(deltas.values(), grads):
                 d.grad = g
@@ -120,6 +131,7 @@ class FineTune(Editor):
 class FineTuneL(FineTune):
     name = "ft-l"
     Config = FTLConfig
+    any_model = False  # ROME's language-model baseline: one MLP output projection of a transformer block
 
     def default_layers(self) -> list[int]:
         # An early MLP, where ROME's causal tracing finds factual recall at the subject's last token.

@@ -40,9 +40,9 @@ from ..lm import aligned_logits, generate
 from ..models import fingerprint
 from ..patch import Delta, linear_delta
 from ..requests import EditRequest
+from ..tasks import row_nll
 from ..training.checkpoint import read_editor_files, with_saved_hparams, write_editor_files
 from ..training.data import MetaBatch
-from .enn import locality_kl, row_nll, success_stats
 
 CONFIG_FILE, WEIGHTS_FILE = "ke.json", "ke.safetensors"
 FORMAT_VERSION = 1
@@ -253,9 +253,9 @@ class KE(Editor):
             kl = edit_loss.new_zeros(())
             if batch.loc is not None:
                 with torch.no_grad():
-                    before, loc_labels = aligned_logits(self.model, batch.loc)
-                after, _ = aligned_logits(self.model, batch.loc, params=edited)
-                kl = locality_kl(before, after, loc_labels, batch.n_neighbours, stats, "kl")
+                    before = aligned_logits(self.model, batch.loc)
+                after = aligned_logits(self.model, batch.loc, params=edited)
+                kl = self.task.locality_penalty(before, after, batch, stats, "kl")
             constraint = kl - c.margin
             lam = float(self.network.lam)
             if self.network.training:
@@ -263,7 +263,7 @@ class KE(Editor):
                 self.update_lambda(constraint.item())
             else:
                 loss = edit_loss + c.val_kl_weight * constraint.clamp(min=0)
-        success_stats(nll, batch, stats)
+        self.task.success_stats(None, nll.detach(), batch, stats)
         stats["lambda"] = lam
         stats["alpha"] = self.network.log_lr.exp().mean().item()
         return loss, stats

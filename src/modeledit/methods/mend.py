@@ -32,15 +32,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..arch import architecture, linear_shape
-from ..editor import Editor, register
+from ..arch import linear_shape
+from ..editor import Editor, default_modules, register
 from ..hooks import Trace
-from ..lm import aligned_logits, is_seq2seq, kl_on_positions, target_batch
 from ..models import fingerprint
 from ..patch import Delta, linear_delta
-from ..requests import EditRequest
+from ..tasks import Task, resolve_task
 from ..training.checkpoint import read_editor_files, with_saved_hparams, write_editor_files
-from ..training.data import MetaBatch, concat_batches
 
 EDITORS_DIR = (
     Path(__file__).resolve().parents[1] / "editors"
@@ -72,42 +70,34 @@ class MENDConfig:
 # -- gradient decomposition ----------------------------------------------------------------------------
 
 
-def _row_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean NLL of each row's labelled tokens, from aligned logits."""
-    mask = labels != -100
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return -(logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+def decompose(
+    model: nn.Module, task: Task, batch, modules: list[str], n_edit: int | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-token (u, delta) of each module for the summed per-edit loss of the first ``n_edit`` rows of
+    ``batch`` (all rows if None), taken at the base weights: sum_t delta_t u_t^T = dL/dW (out, in).
 
-
-def _decompose(model: nn.Module, batch: dict, modules: list[str], n_edit: int):
-    """Forward ``batch`` with the base weights; backward the summed mean NLL of its first ``n_edit`` rows.
-
-    Returns ({module: (u, delta)} with one row per token, all-zero rows dropped, detached) and the detached
-    aligned logits of every row (the later rows serve as the unedited reference for the KL).
+    All-zero rows (padding, positions after the targets) are dropped; the factors are detached.
     """
     params = dict(model.named_parameters())
     # The base weights as fresh leaves, so the layers' outputs require grad even though the model is frozen.
     leaves = {f"{m}.weight": params[f"{m}.weight"].detach().requires_grad_(True) for m in modules}
     with torch.enable_grad(), Trace(model, modules, capture_input=True) as tr:
-        logits, labels = aligned_logits(model, batch, params=leaves)
-        loss = _row_nll(logits[:n_edit], labels[:n_edit]).sum()  # each edit's own mean NLL, summed over edits
+        outputs = task.outputs(model, batch, params=leaves)
+        loss = task.loss(outputs, batch)[:n_edit].sum()  # each edit's own loss, summed over edits
         deltas = torch.autograd.grad(loss, [tr[m].output for m in modules])
     factors = {}
     for m, delta in zip(modules, deltas, strict=True):
         u, delta = tr[m].input.detach().flatten(0, -2), delta.detach().flatten(0, -2)
-        keep = (u != 0).any(-1) & (delta != 0).any(-1)  # padding and positions after the targets
+        keep = (u != 0).any(-1) & (delta != 0).any(-1)
         factors[m] = (u[keep].float(), delta[keep].float())
-    return factors, logits.detach()
+    return factors
 
 
 def gradient_factors(
-    model: nn.Module, tokenizer, requests: list[EditRequest], modules: list[str]
+    model: nn.Module, task: Task, edits: list, modules: list[str]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-token (u, delta) of each module for the edit loss: sum_t delta_t u_t^T = dL/dW (out, in)."""
-    batch = target_batch(
-        tokenizer, [r.text for r in requests], [r.target_new for r in requests], is_seq2seq(model)
-    )
-    return _decompose(model, batch, modules, len(requests))[0]
+    """(u, delta) per token of each module for the edits' loss (see ``decompose``)."""
+    return decompose(model, task, task.edit_batch(edits), modules)
 
 
 # -- the editor network --------------------------------------------------------------------------------
@@ -220,29 +210,32 @@ class MENDNetwork(nn.Module):
 class MEND(Editor):
     name = "mend"
     Config = MENDConfig
+    any_model = True
 
-    def __init__(self, model: nn.Module, tokenizer, config: MENDConfig, network: MENDNetwork | None = None):
-        super().__init__(model, tokenizer, config)
+    def __init__(
+        self, model: nn.Module, tokenizer, config: MENDConfig, network: MENDNetwork | None = None, task=None
+    ):
+        super().__init__(model, tokenizer, config, task)
         self.network = network
         if network is None:
             self.load(self._editor_dir())
         self.network.eval()
 
     @classmethod
-    def for_training(cls, model: nn.Module, tokenizer, config: MENDConfig) -> MEND:
+    def for_training(cls, model: nn.Module, tokenizer, config: MENDConfig, task=None) -> MEND:
         """A MEND editor with a fresh (identity) network, to be trained with ``training.train_editor``."""
-        arch = architecture(model)
-        modules = list(config.modules) if config.modules else arch.last_mlp_linears(config.num_blocks)
+        task = resolve_task(task, model, tokenizer)
+        modules = list(config.modules) if config.modules else default_modules(model, task, config.num_blocks)
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
             network = MENDNetwork(
-                {m: linear_shape(arch.linear(m)) for m in modules}, config.rank, config.alpha_init
+                {m: linear_shape(model.get_submodule(m)) for m in modules}, config.rank, config.alpha_init
             )
-        return cls(model, tokenizer, config, network)
+        return cls(model, tokenizer, config, network, task)
 
     # -- editing ----------------------------------------------------------------------------------------
-    def compute_deltas(self, requests: list[EditRequest]) -> dict[str, Delta]:
-        factors = gradient_factors(self.model, self.tokenizer, requests, list(self.network.shapes))
+    def compute_deltas(self, requests: list) -> dict[str, Delta]:
+        factors = gradient_factors(self.model, self.task, requests, list(self.network.shapes))
         with torch.no_grad():
             updates = self.network(factors)
         return dict(linear_delta(self.model, m, left, right) for m, (left, right) in updates.items())
@@ -259,54 +252,32 @@ class MEND(Editor):
             {"params": [self.network.alpha], "lr": self.config.lr_alpha},
         ]
 
-    def training_loss(self, batch: MetaBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """c_edit * NLL(target_new | edit prompts, paraphrases; W~) + c_loc * KL(p_W || p_W~) on loc rows.
+    def training_loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """c_edit * loss(targets | edit inputs, equivalent inputs; W~) + c_loc * KL(p_W || p_W~) on locality.
 
-        The KL is taken at every label position of the locality rows: the answer tokens of neighbourhood
-        prompts (their mean KL) plus the tokens of unrelated texts (their mean KL).
+        ``batch``: a MetaBatch (language models: the KL is the neighbourhood answers' mean plus the
+        unrelated texts' mean) or a TensorMetaBatch (any model, with a Task).
         """
-        c, k = self.config, batch.k
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        shift = 0 if self.arch.is_seq2seq else 1  # aligned logits drop the last position of decoder-only rows
-        loc = batch.loc
-        first = concat_batches([batch.edit, loc], pad) if loc is not None else batch.edit
-        factors, base_logits = _decompose(self.model, first, list(self.network.shapes), k)
+        c, task = self.config, self.task
+        factors = decompose(self.model, task, batch.edit, list(self.network.shapes))
+        stats: dict[str, float] = {}
         with torch.set_grad_enabled(self.network.training):
             params = dict(self.model.named_parameters())
             edited = {}
             for m, (left, right) in self.network(factors).items():
                 name, delta = linear_delta(self.model, m, left, right)
                 edited[name] = params[name] + delta.dense()
-            second = concat_batches([batch.gen, loc], pad) if loc is not None else batch.gen
-            logits, labels = aligned_logits(self.model, second, params=edited)
-            n_gen = batch.gen["input_ids"].shape[0]
-            nll = _row_nll(logits[:n_gen], labels[:n_gen])
-            edit_loss = nll[: batch.n_new].mean()
+            gen_out = task.outputs(self.model, batch.gen, params=edited)
+            gen_loss = task.loss(gen_out, batch.gen)
+            edit_loss = gen_loss[: batch.n_new].mean()
             loss = c.c_edit * edit_loss
-            stats = {"edit_nll": edit_loss.item(), "alpha": self.network.alpha.mean().item()}
-            if loc is not None:
-                width = loc["labels"].shape[1] - shift
-                before, after = base_logits[k:, :width], logits[n_gen:, :width]
-                mask = labels[n_gen:, :width] != -100
-                agree = (before.argmax(-1) == after.argmax(-1)) & mask
-                # Neighbours and texts each get their own mean KL: a neighbour's one or two answer tokens must
-                # not be drowned by the many tokens of an unrelated sentence.
-                neighbour = torch.arange(len(mask), device=mask.device) < batch.n_neighbours
-                kl = torch.zeros((), device=mask.device)
-                for key, rows in (("nb", neighbour), ("text", ~neighbour)):
-                    if rows.any():
-                        kl_part = kl_on_positions(before[rows], after[rows], mask[rows])
-                        kl = kl + kl_part
-                        stats[f"kl_{key}"] = kl_part.item()
-                        share = agree[rows].sum() / mask[rows].sum().clamp(min=1)
-                        stats[f"agree_{key}"] = 100.0 * share.item()
-                loss = loss + c.c_loc * kl
-                stats["kl"] = kl.item()
-        if n_gen > batch.n_new:  # success: the new target beats the true one (rewrite, then paraphrase rows)
-            success = (nll[: batch.n_new] < nll[batch.n_new :]).float().detach() * 100
-            stats["es"] = float(success[:k].mean())
-            if batch.n_new > k:
-                stats["ps"] = float(success[k:].mean())
+            stats |= {"edit_nll": edit_loss.item(), "alpha": self.network.alpha.mean().item()}
+            if batch.loc is not None:
+                with torch.no_grad():
+                    before = task.outputs(self.model, batch.loc)
+                after = task.outputs(self.model, batch.loc, params=edited)
+                loss = loss + c.c_loc * task.locality_penalty(before, after, batch, stats, "kl")
+        task.success_stats(gen_out, gen_loss.detach(), batch, stats)
         return loss, stats
 
     # -- files ------------------------------------------------------------------------------------------

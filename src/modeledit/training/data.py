@@ -21,6 +21,7 @@ import torch
 from ..lm import target_batch, text_batch
 from ..locality import default_locality_texts
 from ..requests import EditRequest
+from ..tasks import TensorBatch, TensorEdit, cat_inputs
 
 _PAD_VALUES = {"attention_mask": 0, "labels": -100}
 
@@ -160,3 +161,40 @@ def wiki_sentences(
     if not sentences:
         raise ValueError(f"{path}: no sentences found in 'context' fields")
     return sentences[:limit]
+
+
+# -- any model: tensors ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorMetaBatch:
+    """A meta-training batch for any model (a Task's TensorBatch rows): ``edit`` = the k edits' inputs and
+    targets; ``gen`` = the same rows, then their equivalent inputs (all scored: n_new = every row);
+    ``loc`` = locality inputs whose outputs must not change."""
+
+    edit: TensorBatch
+    gen: TensorBatch
+    loc: TensorBatch | None = None
+    n_neighbours: int = 0
+
+    @property
+    def k(self) -> int:
+        return len(self.edit)
+
+    @property
+    def n_new(self) -> int:
+        return len(self.gen)
+
+
+def tensor_meta_batch(edits: list[TensorEdit]) -> TensorMetaBatch:
+    """Stack TensorEdits (with their equivalent and locality inputs) into one TensorMetaBatch."""
+    for e in edits:
+        e.validate()
+    edit = TensorBatch.cat([TensorBatch(e.inputs, e.targets) for e in edits])
+    equivalents = [TensorBatch(*e.equivalent()) for e in edits if e.equivalent_inputs is not None]
+    local = [e.locality_inputs for e in edits if e.locality_inputs is not None]
+    return TensorMetaBatch(
+        edit=edit,
+        gen=TensorBatch.cat([edit, *equivalents]),
+        loc=TensorBatch(cat_inputs(local)) if local else None,
+    )
