@@ -45,3 +45,28 @@ def test_bench_unknown_method_is_a_clear_error(tmp_path):
         app, ["bench", "--methods", "nope", "--data", __file__, "--out", str(tmp_path)]
     )
     assert result.exit_code == 2 and "unknown method" in result.output
+
+
+def test_compare_tabulates_success_and_drawdown_per_batch_size(tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_model("gpt2").save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "edits.jsonl"
+    record = {"prompt": "The capital of {} is", "target_true": "Paris", "neighborhood_prompts": ["X is in"]}
+    edits = [record | {"subject": s, "target_new": t} for s, t in [("Zorbia", "Quux"), ("Ylland", "Blip")]]
+    data.write_text("\n".join(json.dumps(e) for e in edits))
+    out = tmp_path / "compare"
+    args = ["compare", "--model", str(model_dir), "--methods", "ft,mend", "--batch-sizes", "1,2",
+            "--limit", "2", "--data", str(data), "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "compare.json").read_text())
+    assert results["batch_sizes"] == [1, 2]
+    for k in ("1", "2"):
+        assert {"ES", "drawdown_acc", "drawdown_ppl", "seconds_per_edit"} <= set(results["methods"]["ft"][k])
+        assert "no trained MEND editor" in results["methods"]["mend"][k]["error"]  # reported, not hidden
+    table = (out / "compare.md").read_text()
+    assert "| ft |" in table and "ES (k=2)" in table and "mend (k=1) not available" in table
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    bad = CliRunner().invoke(app, [*args[:-2], "--out", str(out), "--editor", "ke=/nonexistent"])
+    assert bad.exit_code == 2 and "METHOD=DIR" in bad.output

@@ -39,7 +39,10 @@ def run_method(command: list[str], log_path: Path) -> tuple[int, float]:
     """Run one eval process; return its exit status and its own peak RSS in MB."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "1000"},  # one-line error messages
         )
         _, status, usage = os.wait4(proc.pid, 0)
     return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024  # Linux reports kilobytes
@@ -169,3 +172,125 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths
+
+
+# -- compare: the MEND paper's Tables 4 and 5 (edit success and drawdown, single edits and batches) ------
+
+COMPARE_BATCHES = (1, 5, 25, 75)
+COMPARE_COLUMNS = ("ES", "drawdown_acc", "drawdown_ppl")
+COMPARE_LABELS = {"ES": "ES", "drawdown_acc": "acc DD", "drawdown_ppl": "ppl DD"}
+
+
+def compare_command(
+    model: str,
+    method: str,
+    data: str,
+    offset: int,
+    limit: int,
+    batch_size: int,
+    editor: str | None,
+    out: Path,
+) -> list[str]:
+    """``modeledit eval`` for one method and batch size; an ENN editor brings its own base model."""
+    if editor and method == "enn" and (Path(editor) / "model").is_dir():
+        model = str(Path(editor) / "model")  # ENN's edits are patches against its meta-trained base
+    command = _eval_command(model, method, data, offset, limit, 0, out)
+    if batch_size > 1:
+        command += ["--mode", "batch", "--batch-size", str(batch_size)]
+    if editor:
+        command += ["--editor", editor]
+    return command
+
+
+def run_compare(
+    model: str, methods: list[str], data: str, out_dir: Path, editors: dict[str, str] | None = None,
+    batch_sizes: tuple[int, ...] = COMPARE_BATCHES, offset: int = 0, limit: int = 75,
+) -> dict:  # fmt: skip
+    """ES and drawdown of each method for single edits and batches; writes compare.json/.md/.png."""
+    editors = editors or {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict] = {}
+    runs = [(m, k) for m in methods for k in batch_sizes]
+    for method, k in tqdm(runs, desc="compare"):
+        out = out_dir / f"{method}_k{k}.json"
+        command = compare_command(model, method, data, offset, limit, k, editors.get(method), out)
+        status, rss = run_method(command, out_dir / f"{method}_k{k}.log")
+        row = rows.setdefault(method, {})
+        if status != 0 or not out.exists():
+            row[str(k)] = {"error": _last_line(out_dir / f"{method}_k{k}.log")}
+            continue
+        summary = json.loads(out.read_text())["summary"]
+        row[str(k)] = {key: summary.get(key) for key in (*COMPARE_COLUMNS, "PS", "NS", "seconds_per_edit")}
+        row[str(k)]["peak_rss_mb"] = rss
+    results = {
+        "model": model,
+        "data": data,
+        "offset": offset,
+        "limit": limit,
+        "batch_sizes": list(batch_sizes),
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "methods": rows,
+    }
+    (out_dir / "compare.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "compare.md").write_text(compare_markdown(results))
+    plot_compare(results, out_dir / "compare.png")
+    return results
+
+
+def compare_markdown(results: dict) -> str:
+    sizes = [str(k) for k in results["batch_sizes"]]
+    head = ["method"] + [f"{COMPARE_LABELS[c]} (k={k})" for k in sizes for c in COMPARE_COLUMNS]
+    lines = [
+        f"Model `{results['model']}`, data `{results['data']}` records {results['offset']}-"
+        f"{results['offset'] + results['limit'] - 1}, {results['date']}, {results['machine']}. "
+        "k = edits applied together (k=1: single edits). ES: edit success (x100); acc DD: drop of "
+        "neighbourhood accuracy (points); ppl DD: relative increase of neighbourhood perplexity.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for method, row in results["methods"].items():
+        cells = []
+        for k in sizes:
+            cell = row.get(k, {})
+            if "error" in cell:
+                cells += ["n/a"] * len(COMPARE_COLUMNS)
+                continue
+            for c in COMPARE_COLUMNS:
+                value = cell.get(c)
+                cells.append(
+                    "-" if value is None else f"{value:.3f}" if c == "drawdown_ppl" else f"{value:.1f}"
+                )
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    errors = [(m, k, r[k]["error"]) for m, r in results["methods"].items() for k in r if "error" in r[k]]
+    if errors:
+        lines += ["", *(f"- {m} (k={k}) not available: {e}" for m, k, e in errors)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_compare(results: dict, path: Path) -> None:
+    """ES and accuracy drawdown against the number of edits applied together, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method, row in results["methods"].items():
+        sizes = [k for k in results["batch_sizes"] if "error" not in row.get(str(k), {"error": 1})]
+        if not sizes:
+            continue
+        for ax, key in ((axes[0], "ES"), (axes[1], "drawdown_acc")):
+            values = [row[str(k)].get(key) or 0.0 for k in sizes]
+            ax.plot(sizes, values, marker="o", label=method)
+    for ax, title in zip(axes, ("Edit success (ES)", "Neighbourhood accuracy drawdown (points)")):
+        ax.set_xscale("log")
+        ax.set_xticks(results["batch_sizes"], [str(k) for k in results["batch_sizes"]])
+        ax.set_xlabel("edits applied together (k)")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{results['model']}, {results['limit']} records")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

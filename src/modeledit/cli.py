@@ -150,6 +150,17 @@ def demo(
     _run(body)
 
 
+EDITOR_HELP = "folder of a trained editor (mend, ke, enn, serac): same as --set editor_path=DIR"
+
+
+def _editor_setting(editor_dir: Path | None) -> list[str]:
+    if editor_dir is None:
+        return []
+    if not editor_dir.is_dir():
+        raise ValueError(f"--editor {editor_dir}: no such folder")
+    return [f"editor_path={editor_dir}"]
+
+
 @app.command()
 def edit(
     prompt: str = typer.Option(..., help="prompt, containing the subject or {} for it"),
@@ -159,6 +170,7 @@ def edit(
     method: str = typer.Option("ft-l"),
     paraphrase: list[str] = typer.Option([], help="extra prompts to show before/after (repeatable)"),
     set_: list[str] = typer.Option([], "--set", help="hyperparameter override KEY=VALUE (repeatable)"),
+    editor_dir: Path = typer.Option(None, "--editor", help=EDITOR_HELP),
     save: Path = typer.Option(None, help="save the patch to this .safetensors file"),
 ) -> None:
     """Edit one fact and show greedy completions and P(target) before and after."""
@@ -171,7 +183,9 @@ def edit(
         request = EditRequest(prompt=prompt, subject=subject, target_new=target)
         request.validate()
         model, tokenizer = _load(model_name)
-        editor = create_editor(method, model, tokenizer, **_parse_overrides(set_))
+        editor = create_editor(
+            method, model, tokenizer, **_parse_overrides(set_ + _editor_setting(editor_dir))
+        )
         prompts = [request.text, *paraphrase]
         before = generate(model, tokenizer, prompts)
         p_before = [_p_target(model, tokenizer, p, target) for p in prompts]
@@ -210,6 +224,7 @@ def eval_(
         0, help="generate this many tokens per record for ROME's fluency (0: off)"
     ),
     set_: list[str] = typer.Option([], "--set", help="hyperparameter override KEY=VALUE (repeatable)"),
+    editor_dir: Path = typer.Option(None, "--editor", help=EDITOR_HELP),
     out: Path = typer.Option(None, help="write summary and per-record results as JSON"),
 ) -> None:
     """Edit records of a data file and measure ES/PS/NS/S, EM/PM/NM, accuracy and drawdown."""
@@ -221,9 +236,8 @@ def eval_(
 
         requests = load_requests(data, offset=offset, limit=limit)
         model, tokenizer = _load(model_name)
-        editor = (
-            None if method == "none" else create_editor(method, model, tokenizer, **_parse_overrides(set_))
-        )
+        overrides = _parse_overrides(set_ + _editor_setting(editor_dir))
+        editor = None if method == "none" else create_editor(method, model, tokenizer, **overrides)
         result = evaluate(
             model,
             tokenizer,
@@ -387,6 +401,57 @@ def bench(
             text += "\n![quality](docs/bench/quality.png)\n\n![speed](docs/bench/speed.png)\n"
             Path("BENCHMARKS.md").write_text(text)
             console.print("wrote BENCHMARKS.md and docs/bench/")
+
+    _run(body)
+
+
+@app.command()
+def compare(
+    out: Path = typer.Option(..., help="folder for compare.json, compare.md, compare.png, logs"),
+    methods_: str = typer.Option("ft,ft-kl,enn,ke,mend", "--methods", help="comma-separated methods"),
+    editors: list[str] = typer.Option(
+        [], "--editor", help="METHOD=DIR: a trained editor (enn: its base model DIR/model is used too)"
+    ),
+    batch_sizes: str = typer.Option("1,5,25,75", help="numbers of edits applied together"),
+    data: Path = typer.Option(
+        Path("../shared/data/counterfact/dev.json"), help="any CounterFact / zsRE file"
+    ),
+    model_name: str = typer.Option("default", "--model"),
+    offset: int = typer.Option(0),
+    limit: int = typer.Option(75, help="records (a multiple of the largest batch size)"),
+    readme: bool = typer.Option(False, help="also copy compare.png to docs/bench/ for the README"),
+) -> None:
+    """The MEND paper's comparison (Tables 4-5): ES and drawdown of learned editors and fine-tuning,
+    for single edits and batches, one process per method and batch size."""
+
+    def body():
+        import shutil
+
+        from .bench import run_compare
+        from .editor import available_methods
+
+        if not data.exists():
+            raise ValueError(f"cannot read {data}: no such file")
+        names = [m.strip() for m in methods_.split(",") if m.strip()]
+        unknown = set(names) - set(available_methods())
+        if unknown:
+            raise ValueError(
+                f"unknown method(s) {sorted(unknown)}; available: {', '.join(available_methods())}"
+            )
+        folders = {}
+        for item in editors:
+            method, _, folder = item.partition("=")
+            if not folder or not Path(folder).is_dir():
+                raise ValueError(f"--editor {item!r}: use METHOD=DIR with an existing folder")
+            folders[method] = folder
+        sizes = tuple(int(k) for k in batch_sizes.split(","))
+        if any(k < 1 for k in sizes):
+            raise ValueError("--batch-sizes: positive integers")
+        run_compare(model_name, names, str(data), out, folders, sizes, offset, limit)
+        console.print((out / "compare.md").read_text(), highlight=False)
+        if readme:
+            Path("docs/bench").mkdir(parents=True, exist_ok=True)
+            shutil.copy(out / "compare.png", Path("docs/bench/compare.png"))
 
     _run(body)
 
