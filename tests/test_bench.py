@@ -70,3 +70,23 @@ def test_compare_tabulates_success_and_drawdown_per_batch_size(tmp_path):
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     bad = CliRunner().invoke(app, [*args[:-2], "--out", str(out), "--editor", "ke=/nonexistent"])
     assert bad.exit_code == 2 and "METHOD=DIR" in bad.output
+
+
+def test_retention_writes_the_curve_of_each_method(tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "edits.jsonl"
+    record = {"prompt": "The capital of {} is", "target_true": "Paris", "neighborhood_prompts": ["X is in"]}
+    names = [("Zorbia", "Quux"), ("Ylland", "Blip"), ("Wess", "Nor"), ("Vat", "Kel")]
+    data.write_text("\n".join(json.dumps(record | {"subject": s, "target_new": t}) for s, t in names))
+    out = tmp_path / "retention"
+    args = ["retention", "--model", str(model_dir), "--methods", "grace", "--limit", "4", "--points", "2",
+            "--data", str(data), "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    row = json.loads((out / "retention.json").read_text())["methods"]["grace"]
+    assert [p["edits"] for p in row["curve"]] == [2, 4]
+    assert {"ES", "PS", "NS", "S", "unrelated_ppl_before", "unrelated_ppl_after"} <= set(row)
+    assert "| grace |" in (out / "retention.md").read_text()
+    assert (out / "retention.png").read_bytes()[:4] == b"\x89PNG"

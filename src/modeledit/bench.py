@@ -48,6 +48,16 @@ def run_method(command: list[str], log_path: Path) -> tuple[int, float]:
     return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024  # Linux reports kilobytes
 
 
+def run_eval(command: list[str], out: Path) -> tuple[dict, float]:
+    """Run one ``modeledit eval`` process writing ``out`` (its log beside it): (its JSON or {"error": last
+    line of the log}, its peak RSS in MB)."""
+    log = out.with_suffix(".log")
+    status, rss = run_method(command, log)
+    if status != 0 or not out.exists():
+        return {"error": _last_line(log)}, rss
+    return json.loads(out.read_text()), rss
+
+
 def _last_line(path: Path) -> str:
     lines = [
         ln.strip() for ln in path.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()
@@ -69,11 +79,8 @@ def run_bench(
     for method in tqdm(["none", *methods], desc=f"bench {suite}"):
         out = out_dir / f"{method}.json"
         command = _eval_command(model, method, data, offset, limit, settings["fluency_tokens"], out)
-        status, rss = run_method(command, out_dir / f"{method}.log")
-        if status != 0 or not out.exists():
-            rows[method] = {"error": _last_line(out_dir / f"{method}.log"), "peak_rss_mb": rss}
-            continue
-        rows[method] = json.loads(out.read_text())["summary"] | {"peak_rss_mb": rss}
+        result, rss = run_eval(command, out)
+        rows[method] = result.get("summary", result) | {"peak_rss_mb": rss}
     results = {
         "suite": suite,
         "model": model,
@@ -181,25 +188,14 @@ COMPARE_COLUMNS = ("ES", "drawdown_acc", "drawdown_ppl")
 COMPARE_LABELS = {"ES": "ES", "drawdown_acc": "acc DD", "drawdown_ppl": "ppl DD"}
 
 
-def compare_command(
-    model: str,
-    method: str,
-    data: str,
-    offset: int,
-    limit: int,
-    batch_size: int,
-    editor: str | None,
-    out: Path,
+def eval_command_with_editor(
+    model: str, method: str, data: str, offset: int, limit: int, editor: str | None, out: Path
 ) -> list[str]:
-    """``modeledit eval`` for one method and batch size; an ENN editor brings its own base model."""
+    """``modeledit eval`` of one method with its trained editor; an ENN editor brings its own base model."""
     if editor and method == "enn" and (Path(editor) / "model").is_dir():
         model = str(Path(editor) / "model")  # ENN's edits are patches against its meta-trained base
     command = _eval_command(model, method, data, offset, limit, 0, out)
-    if batch_size > 1:
-        command += ["--mode", "batch", "--batch-size", str(batch_size)]
-    if editor:
-        command += ["--editor", editor]
-    return command
+    return command + (["--editor", editor] if editor else [])
 
 
 def run_compare(
@@ -213,15 +209,15 @@ def run_compare(
     runs = [(m, k) for m in methods for k in batch_sizes]
     for method, k in tqdm(runs, desc="compare"):
         out = out_dir / f"{method}_k{k}.json"
-        command = compare_command(model, method, data, offset, limit, k, editors.get(method), out)
-        status, rss = run_method(command, out_dir / f"{method}_k{k}.log")
-        row = rows.setdefault(method, {})
-        if status != 0 or not out.exists():
-            row[str(k)] = {"error": _last_line(out_dir / f"{method}_k{k}.log")}
-            continue
-        summary = json.loads(out.read_text())["summary"]
-        row[str(k)] = {key: summary.get(key) for key in (*COMPARE_COLUMNS, "PS", "NS", "seconds_per_edit")}
-        row[str(k)]["peak_rss_mb"] = rss
+        command = eval_command_with_editor(model, method, data, offset, limit, editors.get(method), out)
+        if k > 1:
+            command += ["--mode", "batch", "--batch-size", str(k)]
+        result, rss = run_eval(command, out)
+        keep = (*COMPARE_COLUMNS, "PS", "NS", "seconds_per_edit")
+        summary = result.get("summary")
+        rows.setdefault(method, {})[str(k)] = (
+            {key: summary.get(key) for key in keep} | {"peak_rss_mb": rss} if summary else result
+        )
     results = {
         "model": model,
         "data": data,
@@ -291,6 +287,93 @@ def plot_compare(results: dict, path: Path) -> None:
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.suptitle(f"{results['model']}, {results['limit']} records")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- retention: sequential editing, all edits so far scored as the stream grows -------------------------
+
+
+def run_retention(
+    model: str, methods: list[str], data: str, out_dir: Path, editors: dict[str, str] | None = None,
+    points: int = 10, offset: int = 0, limit: int = 100,
+) -> dict:  # fmt: skip
+    """``limit`` sequential edits per method, S on all edits so far at ``points`` points of the stream;
+    writes retention.json, retention.md and retention.png (one line per method)."""
+    editors = editors or {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict] = {}
+    keep = ("ES", "PS", "NS", "S", "NS_before", "unrelated_ppl_before", "unrelated_ppl_after",
+            "seconds_per_edit", "edit_cost_ratio")  # fmt: skip
+    for method in tqdm(methods, desc="retention"):
+        out = out_dir / f"{method}.json"
+        command = eval_command_with_editor(model, method, data, offset, limit, editors.get(method), out)
+        result, rss = run_eval(command + ["--mode", "sequential", "--retention-points", str(points)], out)
+        summary = result.get("summary")
+        rows[method] = (
+            {k: summary.get(k) for k in keep} | {"curve": result["retention"], "peak_rss_mb": rss}
+            if summary
+            else result
+        )
+    results = {
+        "model": model, "data": data, "offset": offset, "limit": limit, "points": points,
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "methods": rows,
+    }  # fmt: skip
+    (out_dir / "retention.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "retention.md").write_text(retention_markdown(results))
+    plot_retention(results, out_dir / "retention.png")
+    return results
+
+
+RETENTION_COLUMNS = {
+    "ES": "ES", "PS": "PS", "NS": "NS", "NS_before": "NS unedited", "S": "S",
+    "unrelated_ppl_before": "unrelated ppl before", "unrelated_ppl_after": "after",
+    "seconds_per_edit": "seconds_per_edit",
+}  # fmt: skip
+
+
+def retention_markdown(results: dict) -> str:
+    head = ["method", *RETENTION_COLUMNS.values()]
+    lines = [
+        f"Model `{results['model']}`, data `{results['data']}` records {results['offset']}-"
+        f"{results['offset'] + results['limit'] - 1}: {results['limit']} sequential edits, all scored after "
+        f"the last one; unrelated-text perplexity before the first and after the last edit; "
+        f"{results['date']}, {results['machine']}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for method, row in results["methods"].items():
+        if "error" in row:
+            lines.append(f"| {method} | not available: {row['error']} |" + " |" * (len(head) - 2))
+            continue
+        lines.append(f"| {method} | " + " | ".join(_fmt(row.get(k), k) for k in RETENTION_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_retention(results: dict, path: Path) -> None:
+    """S and ES on all edits made so far against the number of edits, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method, row in results["methods"].items():
+        curve = row.get("curve") or []
+        if curve:
+            edits = [p["edits"] for p in curve]
+            for ax, key in zip(axes, ("S", "ES")):
+                ax.plot(edits, [p.get(key) or 0.0 for p in curve], marker="o", ms=3, label=method)
+    for ax, label in zip(axes, ("S (harmonic mean of ES, PS, NS)", "ES")):
+        ax.set_xlabel("sequential edits so far")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 105)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Retention of all edits so far, {results['model']}, {results['limit']} edits")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

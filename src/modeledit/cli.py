@@ -225,6 +225,9 @@ def eval_(
     ),
     set_: list[str] = typer.Option([], "--set", help="hyperparameter override KEY=VALUE (repeatable)"),
     editor_dir: Path = typer.Option(None, "--editor", help=EDITOR_HELP),
+    retention_points: int = typer.Option(
+        0, help="sequential: also score all edits so far at this many points of the stream (retention curve)"
+    ),
     out: Path = typer.Option(None, help="write summary and per-record results as JSON"),
 ) -> None:
     """Edit records of a data file and measure ES/PS/NS/S, EM/PM/NM, accuracy and drawdown."""
@@ -246,6 +249,7 @@ def eval_(
             mode=mode,
             batch_size=batch_size,
             fluency_tokens=fluency_tokens,
+            retention_points=retention_points,
         )
         result |= {"model": model_name, "data": str(data), "offset": offset}
         table = Table(title=f"{result['method']} on {data.name} [{offset}:{offset + len(requests)}], {mode}")
@@ -380,12 +384,7 @@ def bench(
 
         if not data.exists():
             raise ValueError(f"cannot read {data}: no such file")
-        names = [m.strip() for m in methods_.split(",") if m.strip()] if methods_ else available_methods()
-        unknown = set(names) - set(available_methods())
-        if unknown:
-            raise ValueError(
-                f"unknown method(s) {sorted(unknown)}; available: {', '.join(available_methods())}"
-            )
+        names = _methods(methods_) if methods_ else available_methods()
         results = run_bench(model_name, names, str(data), out, suite, offset, limit)
         console.print((out / "results.md").read_text(), highlight=False)
         failed = [m for m, row in results["methods"].items() if "error" in row]
@@ -405,17 +404,47 @@ def bench(
     _run(body)
 
 
+def _methods(text: str) -> list[str]:
+    from .editor import available_methods
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = set(names) - set(available_methods())
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; available: {', '.join(available_methods())}")
+    return names
+
+
+def _editor_folders(items: list[str]) -> dict[str, str]:
+    folders = {}
+    for item in items:
+        method, _, folder = item.partition("=")
+        if not folder or not Path(folder).is_dir():
+            raise ValueError(f"--editor {item!r}: use METHOD=DIR with an existing folder")
+        folders[method] = folder
+    return folders
+
+
+EDITORS_OPTION = typer.Option(
+    [], "--editor", help="METHOD=DIR: a trained editor (enn: its base model DIR/model is used too)"
+)
+DATA_OPTION = typer.Option(Path("../shared/data/counterfact/dev.json"), help="any CounterFact / zsRE file")
+
+
+def _copy_plot(path: Path) -> None:
+    import shutil
+
+    Path("docs/bench").mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, Path("docs/bench") / path.name)
+    console.print(f"copied {path} to docs/bench/")
+
+
 @app.command()
 def compare(
     out: Path = typer.Option(..., help="folder for compare.json, compare.md, compare.png, logs"),
     methods_: str = typer.Option("ft,ft-kl,enn,ke,mend", "--methods", help="comma-separated methods"),
-    editors: list[str] = typer.Option(
-        [], "--editor", help="METHOD=DIR: a trained editor (enn: its base model DIR/model is used too)"
-    ),
+    editors: list[str] = EDITORS_OPTION,
     batch_sizes: str = typer.Option("1,5,25,75", help="numbers of edits applied together"),
-    data: Path = typer.Option(
-        Path("../shared/data/counterfact/dev.json"), help="any CounterFact / zsRE file"
-    ),
+    data: Path = DATA_OPTION,
     model_name: str = typer.Option("default", "--model"),
     offset: int = typer.Option(0),
     limit: int = typer.Option(75, help="records (a multiple of the largest batch size)"),
@@ -425,33 +454,49 @@ def compare(
     for single edits and batches, one process per method and batch size."""
 
     def body():
-        import shutil
-
         from .bench import run_compare
-        from .editor import available_methods
 
         if not data.exists():
             raise ValueError(f"cannot read {data}: no such file")
-        names = [m.strip() for m in methods_.split(",") if m.strip()]
-        unknown = set(names) - set(available_methods())
-        if unknown:
-            raise ValueError(
-                f"unknown method(s) {sorted(unknown)}; available: {', '.join(available_methods())}"
-            )
-        folders = {}
-        for item in editors:
-            method, _, folder = item.partition("=")
-            if not folder or not Path(folder).is_dir():
-                raise ValueError(f"--editor {item!r}: use METHOD=DIR with an existing folder")
-            folders[method] = folder
+        names, folders = _methods(methods_), _editor_folders(editors)
         sizes = tuple(int(k) for k in batch_sizes.split(","))
         if any(k < 1 for k in sizes):
             raise ValueError("--batch-sizes: positive integers")
         run_compare(model_name, names, str(data), out, folders, sizes, offset, limit)
         console.print((out / "compare.md").read_text(), highlight=False)
         if readme:
-            Path("docs/bench").mkdir(parents=True, exist_ok=True)
-            shutil.copy(out / "compare.png", Path("docs/bench/compare.png"))
+            _copy_plot(out / "compare.png")
+
+    _run(body)
+
+
+@app.command()
+def retention(
+    out: Path = typer.Option(..., help="folder for retention.json, retention.md, retention.png, logs"),
+    methods_: str = typer.Option(
+        "grace,wise,serac,mend,ft-l,rome,memit,alphaedit", "--methods", help="comma-separated methods"
+    ),
+    editors: list[str] = EDITORS_OPTION,
+    data: Path = DATA_OPTION,
+    model_name: str = typer.Option("default", "--model"),
+    offset: int = typer.Option(0),
+    limit: int = typer.Option(100, help="sequential edits T"),
+    points: int = typer.Option(10, help="points of the retention curve"),
+    readme: bool = typer.Option(False, help="also copy retention.png to docs/bench/"),
+) -> None:
+    """The lifelong protocol: T sequential edits per method, every edit scored after the last one, and the
+    retention curve (S on all edits so far at every 10% of the stream) as one PNG."""
+
+    def body():
+        from .bench import run_retention
+
+        if not data.exists():
+            raise ValueError(f"cannot read {data}: no such file")
+        names, folders = _methods(methods_), _editor_folders(editors)
+        run_retention(model_name, names, str(data), out, folders, points, offset, limit)
+        console.print((out / "retention.md").read_text(), highlight=False)
+        if readme:
+            _copy_plot(out / "retention.png")
 
     _run(body)
 

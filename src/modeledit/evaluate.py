@@ -2,7 +2,9 @@
 
 - single: edit one record, score it, revert (the ROME/MEND protocol);
 - batch: one patch for B records, score them, revert;
-- sequential: apply the patches one after another and score every record after the last one (retention).
+- sequential: apply the patches one after another and score every record after the last one (retention);
+  with ``retention_points=P``, also score all edits made so far at P evenly spaced points of the stream (the
+  retention curve), and the perplexity of unrelated text before the first and after the last edit.
 
 ``seconds_fwd_bwd`` is one forward+backward of the edit loss (gradients for the MLP matrices of the last
 3 blocks, MEND's setting) measured in the same run, so
@@ -21,7 +23,8 @@ from tqdm.auto import tqdm
 
 from .arch import architecture
 from .editor import Editor
-from .lm import generate, is_seq2seq, mean_nll, target_batch
+from .lm import generate, is_seq2seq, mean_nll, target_batch, text_perplexity
+from .locality import default_locality_texts
 from .metrics import n_gram_entropy, record_metrics, score_request, summarize
 from .patch import revert_all
 from .requests import EditRequest
@@ -78,15 +81,27 @@ def evaluate(
     batch_size: int = 1,
     fluency_tokens: int = 0,
     progress: bool = True,
+    retention_points: int = 0,
 ) -> dict:
-    """Edit and score ``requests``; ``editor=None`` scores the unedited model. Returns summary and records."""
+    """Edit and score ``requests``; ``editor=None`` scores the unedited model. Returns summary and records
+    (and, sequential with ``retention_points``, the retention curve)."""
     if mode not in ("single", "batch", "sequential"):
         raise ValueError(f"unknown mode {mode!r}: use single, batch or sequential")
     if mode == "single":
         batch_size = 1
     if batch_size < 1:
         raise ValueError("batch size must be at least 1")
+    if retention_points and mode != "sequential":
+        raise ValueError("a retention curve needs --mode sequential")
     chunks = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+    # Chunk indices after which all edits so far are scored (the last point is the final scoring itself).
+    points = sorted(
+        {max(round(len(chunks) * (i + 1) / retention_points) - 1, 0) for i in range(retention_points)}
+    )
+    retention: list[dict] = []
+    sequential = mode == "sequential"
+    unrelated = default_locality_texts()
+    ppl_before = text_perplexity(model, tokenizer, unrelated) if sequential else None
     pre = {
         id(r): record_metrics(score_request(model, tokenizer, r))
         for r in tqdm(requests, desc="scoring before", disable=not progress)
@@ -95,7 +110,7 @@ def evaluate(
     results: list[dict] = []
     bar = tqdm(chunks, desc=f"{editor.name if editor else 'none'} ({mode})", disable=not progress)
     try:
-        for chunk in bar:
+        for i, chunk in enumerate(bar):
             if editor is not None:
                 start = time.perf_counter()
                 patch = editor.edit(chunk)
@@ -109,13 +124,25 @@ def evaluate(
                 if editor is not None:
                     patch.revert(model)
                 bar.set_postfix(_running(results))
-        if mode == "sequential":
+            elif retention_points and i in points[:-1]:
+                done = [r for c in chunks[: i + 1] for r in c]
+                so_far = [
+                    _record_result(model, tokenizer, r, pre[id(r)], 0, editor is not None) for r in done
+                ]
+                retention.append(_retention_point(so_far))
+                bar.set_postfix(
+                    {k: f"{v:.0f}" for k, v in retention[-1].items() if k != "edits" and v is not None}
+                )
+        if sequential:
             results = [
                 _record_result(model, tokenizer, r, pre[id(r)], fluency_tokens, editor is not None)
                 for r in tqdm(requests, desc="scoring after the last edit", disable=not progress)
             ]
+        ppl_after = text_perplexity(model, tokenizer, unrelated) if sequential else None
     finally:
         revert_all(model)
+    if retention_points:
+        retention.append(_retention_point(results))
     summary = summarize([r["post"] for r in results])
     summary = {k: summary.get(k) for k in SUMMARY_KEYS} | {
         k: v for k, v in summary.items() if k not in SUMMARY_KEYS
@@ -126,6 +153,10 @@ def evaluate(
         if values:
             summary[key] = statistics.fmean(values)
     summary["n"] = len(results)
+    if (
+        sequential
+    ):  # MEND's other drawdown: perplexity of unrelated text, before the first / after the last edit
+        summary |= {"unrelated_ppl_before": ppl_before, "unrelated_ppl_after": ppl_after}
     if editor is not None:
         reference = time_reference_passes(model, tokenizer, requests[:5])
         per_edit = sum(edit_seconds) / len(requests)
@@ -141,8 +172,14 @@ def evaluate(
         "batch_size": batch_size,
         "hparams": editor.config.__dict__ if editor else {},
         "summary": summary,
+        "retention": retention,
         "records": results,
     }
+
+
+def _retention_point(results: list[dict]) -> dict:
+    s = summarize([r["post"] for r in results])
+    return {"edits": len(results)} | {k: s.get(k) for k in ("ES", "PS", "NS", "S")}
 
 
 def _running(results: list[dict]) -> dict[str, str]:

@@ -7,6 +7,8 @@ A target is scored as ROME does: the tokens of ``" " + target`` appended to the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,6 +127,28 @@ def kl_on_positions(
     logp_after = F.log_softmax(logits_after.float(), -1)
     kl = (logp_before.exp() * (logp_before - logp_after)).sum(-1)
     return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of each row's labelled tokens, from aligned logits."""
+    mask = labels != -100
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -(logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+@torch.no_grad()
+def text_perplexity(
+    model: nn.Module, tokenizer, texts: list[str], params: dict | None = None, batch_size: int = 16
+) -> float:
+    """exp(mean token NLL) of the texts (every token after the first is scored), with ``params`` in place."""
+    total, count = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        batch = text_batch(tokenizer, texts[i : i + batch_size])
+        logits, labels = aligned_logits(model, batch, params=params)
+        mask = labels != -100
+        total += float((row_nll(logits, labels) * mask.sum(-1)).sum())
+        count += int(mask.sum())
+    return math.exp(total / max(count, 1))
 
 
 def text_batch(tokenizer, texts: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .lm import aligned_logits, is_seq2seq, kl_on_positions, target_batch, text_batch
+from .lm import aligned_logits, is_seq2seq, kl_on_positions, row_nll, target_batch, text_batch
 from .requests import EditRequest, EditRequestError
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
@@ -325,13 +325,6 @@ class LossTask(RegressionTask):
 
 
 # -- language models: one client of the same interface --------------------------------------------------
-
-
-def row_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean NLL of each row's labelled tokens, from aligned logits."""
-    mask = labels != -100
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return -(logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 class LanguageModelTask(Task):

@@ -13,10 +13,9 @@ from typer.testing import CliRunner
 
 from modeledit import create_editor, load_model
 from modeledit.cli import app
-from modeledit.lm import aligned_logits
+from modeledit.lm import aligned_logits, row_nll
 from modeledit.methods.enn import ENN, ENNConfig, ENNError
 from modeledit.models import fingerprint
-from modeledit.tasks import row_nll
 from modeledit.training import (
     EditBatches,
     TrainConfig,

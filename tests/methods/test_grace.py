@@ -182,3 +182,20 @@ def test_sequential_protocol_retains_early_edits(tokenizer):
     assert summary["seconds_per_edit"] > 0
     assert all(torch.equal(base[n], p) for n, p in model.named_parameters())
     assert not applied_patches(model)  # evaluate reverts everything
+
+
+def test_retention_curve_scores_all_edits_so_far(tokenizer):
+    model = tiny_model("llama")
+    reqs = requests(6)
+    result = evaluate(
+        model, tokenizer, create_editor("grace", model, tokenizer), reqs, mode="sequential",
+        progress=False, retention_points=3,
+    )  # fmt: skip
+    curve = result["retention"]
+    assert [p["edits"] for p in curve] == [2, 4, 6]
+    assert all(p["ES"] == 100.0 for p in curve)  # GRACE keeps every earlier edit as later ones arrive
+    assert curve[-1]["S"] == result["summary"]["S"]
+    summary = result["summary"]
+    assert summary["unrelated_ppl_before"] > 1 and summary["unrelated_ppl_after"] > 1
+    with pytest.raises(ValueError, match="sequential"):
+        evaluate(model, tokenizer, None, reqs, mode="single", retention_points=3)

@@ -37,11 +37,11 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..editor import Editor, default_modules, register
-from ..lm import aligned_logits, text_batch
+from ..lm import text_perplexity
 from ..locality import default_locality_texts
 from ..models import fingerprint
 from ..patch import Delta, linear_delta
-from ..tasks import resolve_task, row_nll
+from ..tasks import resolve_task
 from .mend import gradient_factors
 
 CONFIG_FILE, WEIGHTS_FILE, MODEL_DIR = "enn.json", "enn.safetensors", "model"
@@ -75,21 +75,6 @@ class ENNConfig:
 
 def _relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
     return float((new.detach() - old.detach()).norm() / old.detach().norm())
-
-
-@torch.no_grad()
-def text_perplexity(
-    model: nn.Module, tokenizer, texts: list[str], params: dict | None = None, batch_size: int = 16
-) -> float:
-    """exp(mean token NLL) of the texts (every token after the first is scored), with ``params`` in place."""
-    total, count = 0.0, 0
-    for i in range(0, len(texts), batch_size):
-        batch = text_batch(tokenizer, texts[i : i + batch_size])
-        logits, labels = aligned_logits(model, batch, params=params)
-        mask = labels != -100
-        total += float((row_nll(logits, labels) * mask.sum(-1)).sum())
-        count += int(mask.sum())
-    return math.exp(total / max(count, 1))
 
 
 def drawdown_texts(config) -> tuple[list[str], str]:

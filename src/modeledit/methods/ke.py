@@ -36,11 +36,10 @@ from torch import nn
 from ..arch import architecture, linear_shape
 from ..editor import Editor, register
 from ..hooks import Trace
-from ..lm import aligned_logits, generate
+from ..lm import aligned_logits, generate, row_nll
 from ..models import fingerprint
 from ..patch import Delta, linear_delta
 from ..requests import EditRequest
-from ..tasks import row_nll
 from ..training.checkpoint import read_editor_files, with_saved_hparams, write_editor_files
 from ..training.data import MetaBatch
 
