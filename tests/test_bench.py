@@ -9,16 +9,25 @@ from typer.testing import CliRunner
 
 from modeledit.cli import app
 
+RECORD = {"prompt": "The capital of {} is", "target_true": "Paris", "neighborhood_prompts": ["X is in"]}
+NAMES = [("Zorbia", "Quux"), ("Ylland", "Blip"), ("Wess", "Nor"), ("Vat", "Kel")]
 
-def test_bench_writes_results_tables_and_plots(tmp_path):
+
+def tiny_setup(tmp_path, kind: str = "gpt2", n: int = 2, paraphrases: bool = False):
+    """A tiny model folder and a JSONL file of n edit requests."""
     model_dir = tmp_path / "tiny"
-    tiny_model("gpt2").save_pretrained(model_dir)
+    tiny_model(kind).save_pretrained(model_dir)
     char_tokenizer().save_pretrained(model_dir)
     data = tmp_path / "edits.jsonl"
-    record = {"prompt": "The capital of {} is", "target_true": "Paris", "neighborhood_prompts": ["X is in"]}
-    edits = [record | {"subject": s, "target_new": t, "paraphrase_prompts": [f"{s} has the capital"]}
-             for s, t in [("Zorbia", "Quux"), ("Ylland", "Blip")]]  # fmt: skip
+    edits = [RECORD | {"subject": s, "target_new": t} for s, t in NAMES[:n]]
+    if paraphrases:
+        edits = [e | {"paraphrase_prompts": [f"{e['subject']} has the capital"]} for e in edits]
     data.write_text("\n".join(json.dumps(e) for e in edits))
+    return model_dir, data
+
+
+def test_bench_writes_results_tables_and_plots(tmp_path):
+    model_dir, data = tiny_setup(tmp_path, paraphrases=True)
     out = tmp_path / "bench"
     result = CliRunner().invoke(
         app,
@@ -48,13 +57,7 @@ def test_bench_unknown_method_is_a_clear_error(tmp_path):
 
 
 def test_compare_tabulates_success_and_drawdown_per_batch_size(tmp_path):
-    model_dir = tmp_path / "tiny"
-    tiny_model("gpt2").save_pretrained(model_dir)
-    char_tokenizer().save_pretrained(model_dir)
-    data = tmp_path / "edits.jsonl"
-    record = {"prompt": "The capital of {} is", "target_true": "Paris", "neighborhood_prompts": ["X is in"]}
-    edits = [record | {"subject": s, "target_new": t} for s, t in [("Zorbia", "Quux"), ("Ylland", "Blip")]]
-    data.write_text("\n".join(json.dumps(e) for e in edits))
+    model_dir, data = tiny_setup(tmp_path)
     out = tmp_path / "compare"
     args = ["compare", "--model", str(model_dir), "--methods", "ft,mend", "--batch-sizes", "1,2",
             "--limit", "2", "--data", str(data), "--out", str(out)]  # fmt: skip
@@ -73,13 +76,7 @@ def test_compare_tabulates_success_and_drawdown_per_batch_size(tmp_path):
 
 
 def test_retention_writes_the_curve_of_each_method(tmp_path):
-    model_dir = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(model_dir)
-    char_tokenizer().save_pretrained(model_dir)
-    data = tmp_path / "edits.jsonl"
-    record = {"prompt": "The capital of {} is", "target_true": "Paris", "neighborhood_prompts": ["X is in"]}
-    names = [("Zorbia", "Quux"), ("Ylland", "Blip"), ("Wess", "Nor"), ("Vat", "Kel")]
-    data.write_text("\n".join(json.dumps(record | {"subject": s, "target_new": t}) for s, t in names))
+    model_dir, data = tiny_setup(tmp_path, "llama", n=4)
     out = tmp_path / "retention"
     args = ["retention", "--model", str(model_dir), "--methods", "grace", "--limit", "4", "--points", "2",
             "--data", str(data), "--out", str(out)]  # fmt: skip

@@ -12,6 +12,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -103,26 +104,39 @@ def _fmt(value, key: str) -> str:
         return "-"
     if key == "seconds_per_edit":
         return f"{value:.2f}"
+    if key == "drawdown_ppl":
+        return f"{value:.3f}"
     return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def _source(results: dict) -> str:
+    """Model, data and record range of a results dict, for the line above a table."""
+    last = results["offset"] + results["limit"] - 1
+    return f"Model `{results['model']}`, data `{results['data']}` records {results['offset']}-{last}"
+
+
+def _table(head: list[str], rows: dict[str, dict], cells: Callable[[dict], list[str]]) -> list[str]:
+    """A markdown table, one row per method; a method that failed shows its error."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {method} | not available: {row['error']} |" + " |" * (len(head) - 2))
+        else:
+            lines.append(f"| {method} | " + " | ".join(cells(row)) + " |")
+    return lines
 
 
 def markdown(results: dict) -> str:
     rows = results["methods"]
-    head = ["method", *COLUMNS, "peak RSS (MB)"]
     lines = [
-        f"Model `{results['model']}`, data `{results['data']}` records {results['offset']}-"
-        f"{results['offset'] + results['limit'] - 1}, suite `{results['suite']}`, {results['date']}, "
-        f"{results['machine']}.",
+        f"{_source(results)}, suite `{results['suite']}`, {results['date']}, {results['machine']}.",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
+        *_table(
+            ["method", *COLUMNS, "peak RSS (MB)"],
+            rows,
+            lambda row: [_fmt(row.get(k), k) for k in COLUMNS] + [f"{row['peak_rss_mb']:.0f}"],
+        ),
     ]
-    for method, row in rows.items():
-        if "error" in row:
-            lines.append(f"| {method} | not available: {row['error']} |" + " |" * (len(head) - 2))
-            continue
-        cells = [_fmt(row.get(k), k) for k in COLUMNS] + [f"{row['peak_rss_mb']:.0f}"]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     timed = [r for r in rows.values() if "seconds_fwd_bwd" in r]
     if timed:
         fwd_bwd = sum(r["seconds_fwd_bwd"] for r in timed) / len(timed)
@@ -236,29 +250,27 @@ def run_compare(
 
 def compare_markdown(results: dict) -> str:
     sizes = [str(k) for k in results["batch_sizes"]]
-    head = ["method"] + [f"{COMPARE_LABELS[c]} (k={k})" for k in sizes for c in COMPARE_COLUMNS]
-    lines = [
-        f"Model `{results['model']}`, data `{results['data']}` records {results['offset']}-"
-        f"{results['offset'] + results['limit'] - 1}, {results['date']}, {results['machine']}. "
-        "k = edits applied together (k=1: single edits). ES: edit success (x100); acc DD: drop of "
-        "neighbourhood accuracy (points); ppl DD: relative increase of neighbourhood perplexity.",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
-    for method, row in results["methods"].items():
-        cells = []
+
+    def cells(row: dict) -> list[str]:
+        out = []
         for k in sizes:
             cell = row.get(k, {})
-            if "error" in cell:
-                cells += ["n/a"] * len(COMPARE_COLUMNS)
-                continue
             for c in COMPARE_COLUMNS:
-                value = cell.get(c)
-                cells.append(
-                    "-" if value is None else f"{value:.3f}" if c == "drawdown_ppl" else f"{value:.1f}"
-                )
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+                value = None if "error" in cell else cell.get(c)
+                out.append("n/a" if "error" in cell else _fmt(value, c))
+        return out
+
+    lines = [
+        f"{_source(results)}, {results['date']}, {results['machine']}. k = edits applied together (k=1: "
+        "single edits). ES: edit success (x100); acc DD: drop of neighbourhood accuracy (points); ppl DD: "
+        "relative increase of neighbourhood perplexity.",
+        "",
+        *_table(
+            ["method"] + [f"{COMPARE_LABELS[c]} (k={k})" for k in sizes for c in COMPARE_COLUMNS],
+            results["methods"],
+            cells,
+        ),  # fmt: skip
+    ]
     errors = [(m, k, r[k]["error"]) for m, r in results["methods"].items() for k in r if "error" in r[k]]
     if errors:
         lines += ["", *(f"- {m} (k={k}) not available: {e}" for m, k, e in errors)]
@@ -336,21 +348,17 @@ RETENTION_COLUMNS = {
 
 
 def retention_markdown(results: dict) -> str:
-    head = ["method", *RETENTION_COLUMNS.values()]
     lines = [
-        f"Model `{results['model']}`, data `{results['data']}` records {results['offset']}-"
-        f"{results['offset'] + results['limit'] - 1}: {results['limit']} sequential edits, all scored after "
-        f"the last one; unrelated-text perplexity before the first and after the last edit; "
-        f"{results['date']}, {results['machine']}.",
+        f"{_source(results)}: {results['limit']} sequential edits, all scored after the last one; "
+        f"unrelated-text perplexity before the first and after the last edit; {results['date']}, "
+        f"{results['machine']}.",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
+        *_table(
+            ["method", *RETENTION_COLUMNS.values()],
+            results["methods"],
+            lambda row: [_fmt(row.get(k), k) for k in RETENTION_COLUMNS],
+        ),
     ]
-    for method, row in results["methods"].items():
-        if "error" in row:
-            lines.append(f"| {method} | not available: {row['error']} |" + " |" * (len(head) - 2))
-            continue
-        lines.append(f"| {method} | " + " | ".join(_fmt(row.get(k), k) for k in RETENTION_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
