@@ -87,3 +87,17 @@ def test_retention_writes_the_curve_of_each_method(tmp_path):
     assert {"ES", "PS", "NS", "S", "unrelated_ppl_before", "unrelated_ppl_after"} <= set(row)
     assert "| grace |" in (out / "retention.md").read_text()
     assert (out / "retention.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_resume_keeps_finished_runs(tmp_path):
+    model_dir, data = tiny_setup(tmp_path)
+    out = tmp_path / "bench"
+    args = ["bench", "--model", str(model_dir), "--methods", "ft", "--data", str(data), "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    first = json.loads((out / "ft.json").read_text())
+    assert first["summary"]["peak_rss_mb"] > 50  # each eval reports its own peak memory
+    (out / "ft.log").unlink()
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "ft.log").exists()  # not run again
+    assert json.loads((out / "results.json").read_text())["methods"]["ft"]["ES"] == first["summary"]["ES"]

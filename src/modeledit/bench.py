@@ -66,11 +66,27 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else "no output"
 
 
+def _earlier_run(out: Path, model: str, data: str, offset: int, limit: int) -> dict | None:
+    """The summary of a finished run of the same model, data and records in ``out``, if there is one."""
+    if not out.exists():
+        return None
+    try:
+        result = json.loads(out.read_text())
+    except json.JSONDecodeError:
+        return None
+    same = [result.get(k) for k in ("model", "data", "offset", "limit")] == [model, data, offset, limit]
+    return result.get("summary") if same else None
+
+
 def run_bench(
     model: str, methods: list[str], data: str, out_dir: Path, suite: str = "quick",
-    offset: int = 0, limit: int | None = None,
+    offset: int = 0, limit: int | None = None, resume: bool = False,
 ) -> dict:  # fmt: skip
-    """Evaluate the unedited model and each method on the same records; write results.json/.md and plots."""
+    """Evaluate the unedited model and each method on the same records; write results.json/.md and plots.
+
+    ``resume``: a method whose finished run (same model, data, records) is already in ``out_dir`` is not run
+    again, so an interrupted bench continues, and methods can be run by separate processes.
+    """
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}: use {' or '.join(SUITES)}")
     settings = SUITES[suite]
@@ -79,6 +95,10 @@ def run_bench(
     rows: dict[str, dict] = {}
     for method in tqdm(["none", *methods], desc=f"bench {suite}"):
         out = out_dir / f"{method}.json"
+        earlier = _earlier_run(out, model, data, offset, limit) if resume else None
+        if earlier is not None:
+            rows[method] = earlier
+            continue
         command = _eval_command(model, method, data, offset, limit, settings["fluency_tokens"], out)
         result, rss = run_eval(command, out)
         rows[method] = result.get("summary", result) | {"peak_rss_mb": rss}
@@ -106,6 +126,8 @@ def _fmt(value, key: str) -> str:
         return f"{value:.2f}"
     if key == "drawdown_ppl":
         return f"{value:.3f}"
+    if key == "peak_rss_mb":
+        return f"{value:.0f}"
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
@@ -134,7 +156,7 @@ def markdown(results: dict) -> str:
         *_table(
             ["method", *COLUMNS, "peak RSS (MB)"],
             rows,
-            lambda row: [_fmt(row.get(k), k) for k in COLUMNS] + [f"{row['peak_rss_mb']:.0f}"],
+            lambda row: [_fmt(row.get(k), k) for k in (*COLUMNS, "peak_rss_mb")],
         ),
     ]
     timed = [r for r in rows.values() if "seconds_fwd_bwd" in r]

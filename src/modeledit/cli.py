@@ -251,7 +251,7 @@ def eval_(
             fluency_tokens=fluency_tokens,
             retention_points=retention_points,
         )
-        result |= {"model": model_name, "data": str(data), "offset": offset}
+        result |= {"model": model_name, "data": str(data), "offset": offset, "limit": limit}
         table = Table(title=f"{result['method']} on {data.name} [{offset}:{offset + len(requests)}], {mode}")
         table.add_column("metric")
         table.add_column("value", justify="right")
@@ -373,6 +373,9 @@ def bench(
     offset: int = typer.Option(0),
     limit: int = typer.Option(None, help="records (default: the suite's)"),
     update_benchmarks: bool = typer.Option(False, help="also write BENCHMARKS.md and docs/bench/*.png"),
+    resume: bool = typer.Option(
+        False, help="keep the finished runs already in OUT (same model/data/records)"
+    ),
 ) -> None:
     """Run eval for every method on the same records (one process each) and tabulate and plot the results."""
 
@@ -385,7 +388,7 @@ def bench(
         if not data.exists():
             raise ValueError(f"cannot read {data}: no such file")
         names = _methods(methods_) if methods_ else available_methods()
-        results = run_bench(model_name, names, str(data), out, suite, offset, limit)
+        results = run_bench(model_name, names, str(data), out, suite, offset, limit, resume)
         console.print((out / "results.md").read_text(), highlight=False)
         failed = [m for m, row in results["methods"].items() if "error" in row]
         if failed:

@@ -28,6 +28,7 @@ from .locality import default_locality_texts
 from .metrics import n_gram_entropy, record_metrics, score_request, summarize
 from .patch import revert_all
 from .requests import EditRequest
+from .training.trainer import peak_rss_mb
 
 SUMMARY_KEYS = ("ES", "PS", "NS", "S", "EM", "PM", "NM")
 
@@ -153,6 +154,7 @@ def evaluate(
         if values:
             summary[key] = statistics.fmean(values)
     summary["n"] = len(results)
+    summary["peak_rss_mb"] = peak_rss_mb()  # of this process so far (a bench runs one eval per process)
     if (
         sequential
     ):  # MEND's other drawdown: perplexity of unrelated text, before the first / after the last edit
