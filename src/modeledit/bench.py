@@ -49,9 +49,28 @@ def run_method(command: list[str], log_path: Path) -> tuple[int, float]:
     return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024  # Linux reports kilobytes
 
 
-def run_eval(command: list[str], out: Path) -> tuple[dict, float]:
+def _same_run(out: Path, command: list[str]) -> dict | None:
+    """The result already in ``out`` if it was made by this very eval command (model, data, records, mode)."""
+    try:
+        result = json.loads(out.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    opts = {command[i]: command[i + 1] for i in range(4, len(command) - 1, 2)}  # eval --key value ...
+    mode = opts.get("--mode", "single")
+    expect = {
+        "model": opts["--model"], "data": opts["--data"], "offset": int(opts["--offset"]),
+        "limit": int(opts["--limit"]), "mode": mode,
+        "batch_size": int(opts.get("--batch-size", 1)) if mode == "batch" else 1,
+    }  # fmt: skip
+    return result if "summary" in result and all(result.get(k) == v for k, v in expect.items()) else None
+
+
+def run_eval(command: list[str], out: Path, resume: bool = False) -> tuple[dict, float | None]:
     """Run one ``modeledit eval`` process writing ``out`` (its log beside it): (its JSON or {"error": last
-    line of the log}, its peak RSS in MB)."""
+    line of the log}, its peak RSS in MB). ``resume``: keep a finished result of the same command."""
+    earlier = _same_run(out, command) if resume else None
+    if earlier is not None:
+        return earlier, earlier["summary"].get("peak_rss_mb")
     log = out.with_suffix(".log")
     status, rss = run_method(command, log)
     if status != 0 or not out.exists():
@@ -66,18 +85,6 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else "no output"
 
 
-def _earlier_run(out: Path, model: str, data: str, offset: int, limit: int) -> dict | None:
-    """The summary of a finished run of the same model, data and records in ``out``, if there is one."""
-    if not out.exists():
-        return None
-    try:
-        result = json.loads(out.read_text())
-    except json.JSONDecodeError:
-        return None
-    same = [result.get(k) for k in ("model", "data", "offset", "limit")] == [model, data, offset, limit]
-    return result.get("summary") if same else None
-
-
 def run_bench(
     model: str, methods: list[str], data: str, out_dir: Path, suite: str = "quick",
     offset: int = 0, limit: int | None = None, resume: bool = False,
@@ -85,7 +92,8 @@ def run_bench(
     """Evaluate the unedited model and each method on the same records; write results.json/.md and plots.
 
     ``resume``: a method whose finished run (same model, data, records) is already in ``out_dir`` is not run
-    again, so an interrupted bench continues, and methods can be run by separate processes.
+    again, so an interrupted bench continues, and methods can be run by separate processes (compare and
+    retention take the same flag).
     """
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}: use {' or '.join(SUITES)}")
@@ -95,12 +103,8 @@ def run_bench(
     rows: dict[str, dict] = {}
     for method in tqdm(["none", *methods], desc=f"bench {suite}"):
         out = out_dir / f"{method}.json"
-        earlier = _earlier_run(out, model, data, offset, limit) if resume else None
-        if earlier is not None:
-            rows[method] = earlier
-            continue
         command = _eval_command(model, method, data, offset, limit, settings["fluency_tokens"], out)
-        result, rss = run_eval(command, out)
+        result, rss = run_eval(command, out, resume)
         rows[method] = result.get("summary", result) | {"peak_rss_mb": rss}
     results = {
         "suite": suite,
@@ -236,7 +240,7 @@ def eval_command_with_editor(
 
 def run_compare(
     model: str, methods: list[str], data: str, out_dir: Path, editors: dict[str, str] | None = None,
-    batch_sizes: tuple[int, ...] = COMPARE_BATCHES, offset: int = 0, limit: int = 75,
+    batch_sizes: tuple[int, ...] = COMPARE_BATCHES, offset: int = 0, limit: int = 75, resume: bool = False,
 ) -> dict:  # fmt: skip
     """ES and drawdown of each method for single edits and batches; writes compare.json/.md/.png."""
     editors = editors or {}
@@ -248,7 +252,7 @@ def run_compare(
         command = eval_command_with_editor(model, method, data, offset, limit, editors.get(method), out)
         if k > 1:
             command += ["--mode", "batch", "--batch-size", str(k)]
-        result, rss = run_eval(command, out)
+        result, rss = run_eval(command, out, resume)
         keep = (*COMPARE_COLUMNS, "PS", "NS", "seconds_per_edit")
         summary = result.get("summary")
         rows.setdefault(method, {})[str(k)] = (
@@ -331,7 +335,7 @@ def plot_compare(results: dict, path: Path) -> None:
 
 def run_retention(
     model: str, methods: list[str], data: str, out_dir: Path, editors: dict[str, str] | None = None,
-    points: int = 10, offset: int = 0, limit: int = 100,
+    points: int = 10, offset: int = 0, limit: int = 100, resume: bool = False,
 ) -> dict:  # fmt: skip
     """``limit`` sequential edits per method, S on all edits so far at ``points`` points of the stream;
     writes retention.json, retention.md and retention.png (one line per method)."""
@@ -343,7 +347,8 @@ def run_retention(
     for method in tqdm(methods, desc="retention"):
         out = out_dir / f"{method}.json"
         command = eval_command_with_editor(model, method, data, offset, limit, editors.get(method), out)
-        result, rss = run_eval(command + ["--mode", "sequential", "--retention-points", str(points)], out)
+        command += ["--mode", "sequential", "--retention-points", str(points)]
+        result, rss = run_eval(command, out, resume)
         summary = result.get("summary")
         rows[method] = (
             {k: summary.get(k) for k in keep} | {"curve": result["retention"], "peak_rss_mb": rss}

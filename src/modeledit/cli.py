@@ -452,6 +452,7 @@ def compare(
     offset: int = typer.Option(0),
     limit: int = typer.Option(75, help="records (a multiple of the largest batch size)"),
     readme: bool = typer.Option(False, help="also copy compare.png to docs/bench/ for the README"),
+    resume: bool = typer.Option(False, help="keep the finished runs already in OUT (same command)"),
 ) -> None:
     """The MEND paper's comparison (Tables 4-5): ES and drawdown of learned editors and fine-tuning,
     for single edits and batches, one process per method and batch size."""
@@ -465,7 +466,7 @@ def compare(
         sizes = tuple(int(k) for k in batch_sizes.split(","))
         if any(k < 1 for k in sizes):
             raise ValueError("--batch-sizes: positive integers")
-        run_compare(model_name, names, str(data), out, folders, sizes, offset, limit)
+        run_compare(model_name, names, str(data), out, folders, sizes, offset, limit, resume)
         console.print((out / "compare.md").read_text(), highlight=False)
         if readme:
             _copy_plot(out / "compare.png")
@@ -486,6 +487,7 @@ def retention(
     limit: int = typer.Option(100, help="sequential edits T"),
     points: int = typer.Option(10, help="points of the retention curve"),
     readme: bool = typer.Option(False, help="also copy retention.png to docs/bench/"),
+    resume: bool = typer.Option(False, help="keep the finished runs already in OUT (same command)"),
 ) -> None:
     """The lifelong protocol: T sequential edits per method, every edit scored after the last one, and the
     retention curve (S on all edits so far at every 10% of the stream) as one PNG."""
@@ -496,7 +498,7 @@ def retention(
         if not data.exists():
             raise ValueError(f"cannot read {data}: no such file")
         names, folders = _methods(methods_), _editor_folders(editors)
-        run_retention(model_name, names, str(data), out, folders, points, offset, limit)
+        run_retention(model_name, names, str(data), out, folders, points, offset, limit, resume)
         console.print((out / "retention.md").read_text(), highlight=False)
         if readme:
             _copy_plot(out / "retention.png")
