@@ -92,8 +92,9 @@ def methods() -> None:
             f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
             for f in dataclasses.fields(cls.Config)
         )
+        scope = "any model (task=)" if cls.any_model else "language models"
         console.print(
-            f"[bold]{name}[/]: {(cls.Config.__doc__ or '').strip().splitlines()[0]}\n  {fields}",
+            f"[bold]{name}[/] \\[{scope}]: {(cls.Config.__doc__ or '').strip().splitlines()[0]}\n  {fields}",
             highlight=False,
         )
 
