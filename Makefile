@@ -25,11 +25,11 @@ demo: install
 	$(VENV)/bin/modeledit demo
 
 test: install
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests examples
 	$(VENV)/bin/pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
