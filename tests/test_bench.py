@@ -66,7 +66,8 @@ def test_compare_tabulates_success_and_drawdown_per_batch_size(tmp_path):
     results = json.loads((out / "compare.json").read_text())
     assert results["batch_sizes"] == [1, 2]
     for k in ("1", "2"):
-        assert {"ES", "drawdown_acc", "drawdown_ppl", "seconds_per_edit"} <= set(results["methods"]["ft"][k])
+        keys = {"ES", "drawdown_acc", "drawdown_ppl_geo", "seconds_per_edit"}
+        assert keys <= set(results["methods"]["ft"][k])
         assert "no trained MEND editor" in results["methods"]["mend"][k]["error"]  # reported, not hidden
     table = (out / "compare.md").read_text()
     assert "| ft |" in table and "ES (k=2)" in table and "mend (k=1) not available" in table

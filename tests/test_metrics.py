@@ -336,3 +336,13 @@ def test_score_request_without_target_true(tokenizer):
     assert (len(out["neighborhood"]["new"]), len(out["neighborhood"]["true"])) == (1, 1)
     m = metrics.record_metrics(out)
     assert "ES" not in m and m["NS"] in (0.0, 100.0) and m["rewrite_acc"] is not None
+
+
+def test_geometric_drawdown_is_not_dominated_by_one_record():
+    import math
+
+    from modeledit.evaluate import geometric_drawdown
+
+    records = [{"drawdown_ppl": 0.0}, {"drawdown_ppl": 0.0}, {"drawdown_ppl": 1e6 - 1}]
+    assert math.isclose(geometric_drawdown(records), 1e2 - 1, rel_tol=1e-9)  # (1 * 1 * 1e6) ** (1/3) - 1
+    assert math.isnan(geometric_drawdown([{"ES": 1}]))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .evaluate import geometric_drawdown
+
 SUITES: dict[str, dict] = {
     # quick: a smoke run of every method, under 10 minutes on 2 cores
     "quick": {"limit": 10, "fluency_tokens": 0},
@@ -128,7 +130,7 @@ def _fmt(value, key: str) -> str:
         return "-"
     if key == "seconds_per_edit":
         return f"{value:.2f}"
-    if key == "drawdown_ppl":
+    if key.startswith("drawdown_ppl"):
         return f"{value:.3f}"
     if key == "peak_rss_mb":
         return f"{value:.0f}"
@@ -224,8 +226,8 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
 # -- compare: the MEND paper's Tables 4 and 5 (edit success and drawdown, single edits and batches) ------
 
 COMPARE_BATCHES = (1, 5, 25, 75)
-COMPARE_COLUMNS = ("ES", "drawdown_acc", "drawdown_ppl")
-COMPARE_LABELS = {"ES": "ES", "drawdown_acc": "acc DD", "drawdown_ppl": "ppl DD"}
+COMPARE_COLUMNS = ("ES", "drawdown_acc", "drawdown_ppl_geo")
+COMPARE_LABELS = {"ES": "ES", "drawdown_acc": "acc DD", "drawdown_ppl_geo": "ppl DD"}
 
 
 def eval_command_with_editor(
@@ -253,8 +255,10 @@ def run_compare(
         if k > 1:
             command += ["--mode", "batch", "--batch-size", str(k)]
         result, rss = run_eval(command, out, resume)
-        keep = (*COMPARE_COLUMNS, "PS", "NS", "seconds_per_edit")
+        keep = (*COMPARE_COLUMNS, "drawdown_ppl", "PS", "NS", "seconds_per_edit")
         summary = result.get("summary")
+        if summary and "drawdown_ppl_geo" not in summary:  # results of an eval before it reported it
+            summary["drawdown_ppl_geo"] = geometric_drawdown(result["records"])
         rows.setdefault(method, {})[str(k)] = (
             {key: summary.get(key) for key in keep} | {"peak_rss_mb": rss} if summary else result
         )
@@ -289,7 +293,7 @@ def compare_markdown(results: dict) -> str:
     lines = [
         f"{_source(results)}, {results['date']}, {results['machine']}. k = edits applied together (k=1: "
         "single edits). ES: edit success (x100); acc DD: drop of neighbourhood accuracy (points); ppl DD: "
-        "relative increase of neighbourhood perplexity.",
+        "relative increase of neighbourhood perplexity (geometric mean over records).",
         "",
         *_table(
             ["method"] + [f"{COMPARE_LABELS[c]} (k={k})" for k in sizes for c in COMPARE_COLUMNS],

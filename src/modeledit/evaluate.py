@@ -153,6 +153,8 @@ def evaluate(
         values = [r[key] for r in results if key in r]
         if values:
             summary[key] = statistics.fmean(values)
+    if any("drawdown_ppl" in r for r in results):
+        summary["drawdown_ppl_geo"] = geometric_drawdown(results)
     summary["n"] = len(results)
     summary["peak_rss_mb"] = peak_rss_mb()  # of this process so far (a bench runs one eval per process)
     if (
@@ -177,6 +179,14 @@ def evaluate(
         "retention": retention,
         "records": results,
     }
+
+
+def geometric_drawdown(results: list[dict]) -> float:
+    """exp(mean over records of log(ppl after / ppl before)) - 1: the typical relative change of neighbour
+    perplexity. The arithmetic mean of the ratios (``drawdown_ppl``) is dominated by the few records whose
+    neighbour answer became very unlikely (ratios of 1e6 and more after batches of edits)."""
+    logs = [math.log1p(r["drawdown_ppl"]) for r in results if "drawdown_ppl" in r]
+    return math.expm1(statistics.fmean(logs)) if logs else float("nan")
 
 
 def _retention_point(results: list[dict]) -> dict:
