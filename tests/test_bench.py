@@ -72,6 +72,11 @@ def test_compare_tabulates_success_and_drawdown_per_batch_size(tmp_path):
     table = (out / "compare.md").read_text()
     assert "| ft |" in table and "ES (k=2)" in table and "mend (k=1) not available" in table
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    sizes = args.index("--batch-sizes") + 1
+    again = [*args[:sizes], "1,2,3", *args[sizes + 1 :], "--tabulate-only"]
+    assert CliRunner().invoke(app, again).exit_code == 0  # runs nothing: k=3 is reported as not run
+    results = json.loads((out / "compare.json").read_text())
+    assert results["methods"]["ft"]["3"] == {"error": "not run"} and "ES" in results["methods"]["ft"]["2"]
     bad = CliRunner().invoke(app, [*args[:-2], "--out", str(out), "--editor", "ke=/nonexistent"])
     assert bad.exit_code == 2 and "METHOD=DIR" in bad.output
 

@@ -67,12 +67,17 @@ def _same_run(out: Path, command: list[str]) -> dict | None:
     return result if "summary" in result and all(result.get(k) == v for k, v in expect.items()) else None
 
 
-def run_eval(command: list[str], out: Path, resume: bool = False) -> tuple[dict, float | None]:
+def run_eval(
+    command: list[str], out: Path, resume: bool = False, tabulate_only: bool = False
+) -> tuple[dict, float | None]:
     """Run one ``modeledit eval`` process writing ``out`` (its log beside it): (its JSON or {"error": last
-    line of the log}, its peak RSS in MB). ``resume``: keep a finished result of the same command."""
-    earlier = _same_run(out, command) if resume else None
+    line of the log}, its peak RSS in MB). ``resume``: keep a finished result of the same command;
+    ``tabulate_only``: never run, report a missing result as not run (to assemble runs made in parallel)."""
+    earlier = _same_run(out, command) if resume or tabulate_only else None
     if earlier is not None:
         return earlier, earlier["summary"].get("peak_rss_mb")
+    if tabulate_only:
+        return {"error": "not run"}, None
     log = out.with_suffix(".log")
     status, rss = run_method(command, log)
     if status != 0 or not out.exists():
@@ -243,6 +248,7 @@ def eval_command_with_editor(
 def run_compare(
     model: str, methods: list[str], data: str, out_dir: Path, editors: dict[str, str] | None = None,
     batch_sizes: tuple[int, ...] = COMPARE_BATCHES, offset: int = 0, limit: int = 75, resume: bool = False,
+    tabulate_only: bool = False,
 ) -> dict:  # fmt: skip
     """ES and drawdown of each method for single edits and batches; writes compare.json/.md/.png."""
     editors = editors or {}
@@ -254,7 +260,7 @@ def run_compare(
         command = eval_command_with_editor(model, method, data, offset, limit, editors.get(method), out)
         if k > 1:
             command += ["--mode", "batch", "--batch-size", str(k)]
-        result, rss = run_eval(command, out, resume)
+        result, rss = run_eval(command, out, resume, tabulate_only)
         keep = (*COMPARE_COLUMNS, "drawdown_ppl", "PS", "NS", "seconds_per_edit")
         summary = result.get("summary")
         if summary and "drawdown_ppl_geo" not in summary:  # results of an eval before it reported it

@@ -454,6 +454,7 @@ def compare(
     limit: int = typer.Option(75, help="records (a multiple of the largest batch size)"),
     readme: bool = typer.Option(False, help="also copy compare.png to docs/bench/ for the README"),
     resume: bool = typer.Option(False, help="keep the finished runs already in OUT (same command)"),
+    tabulate_only: bool = typer.Option(False, help="run nothing: tabulate the finished runs in OUT"),
 ) -> None:
     """The MEND paper's comparison (Tables 4-5): ES and drawdown of learned editors and fine-tuning,
     for single edits and batches, one process per method and batch size."""
@@ -467,7 +468,7 @@ def compare(
         sizes = tuple(int(k) for k in batch_sizes.split(","))
         if any(k < 1 for k in sizes):
             raise ValueError("--batch-sizes: positive integers")
-        run_compare(model_name, names, str(data), out, folders, sizes, offset, limit, resume)
+        run_compare(model_name, names, str(data), out, folders, sizes, offset, limit, resume, tabulate_only)
         console.print((out / "compare.md").read_text(), highlight=False)
         if readme:
             _copy_plot(out / "compare.png")
