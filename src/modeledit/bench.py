@@ -135,8 +135,8 @@ def _fmt(value, key: str) -> str:
         return "-"
     if key == "seconds_per_edit":
         return f"{value:.2f}"
-    if key.startswith("drawdown_ppl"):
-        return f"{value:.3f}"
+    if key.startswith("drawdown_ppl"):  # a ratio minus 1: batches of edits can reach 1e6 and more
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:.1e}"
     if key == "peak_rss_mb":
         return f"{value:.0f}"
     return f"{value:.1f}" if isinstance(value, float) else str(value)
