@@ -54,6 +54,9 @@ class FTKLConfig(FTConfig):
     """The MEND paper's FT+KL: FT plus c_loc * KL on unrelated text."""
 
     kl_weight: float = 1.0
+    # All steps: stopping once the edit NLL is low (FT's rule) ended FT+KL before its KL term had acted, so it
+    # equalled FT (measured in `modeledit compare`, 2026-11-27).
+    stop_nll: float = 0.0
 
 
 @register
