@@ -164,3 +164,12 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "counterfact" / "dev.json").exists():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and lose a lot when other processes share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

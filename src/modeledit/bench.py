@@ -17,8 +17,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .evaluate import geometric_drawdown
-
 SUITES: dict[str, dict] = {
     # quick: a smoke run of every method, under 10 minutes on 2 cores
     "quick": {"limit": 10, "fluency_tokens": 0},
@@ -264,6 +262,8 @@ def run_compare(
         keep = (*COMPARE_COLUMNS, "drawdown_ppl", "PS", "NS", "seconds_per_edit")
         summary = result.get("summary")
         if summary and "drawdown_ppl_geo" not in summary:  # results of an eval before it reported it
+            from .evaluate import geometric_drawdown  # (imports torch: only when needed)
+
             summary["drawdown_ppl_geo"] = geometric_drawdown(result["records"])
         rows.setdefault(method, {})[str(k)] = (
             {key: summary.get(key) for key in keep} | {"peak_rss_mb": rss} if summary else result

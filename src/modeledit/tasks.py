@@ -47,12 +47,6 @@ def cat_inputs(parts: list[Inputs]) -> Inputs:
     return torch.cat(parts)
 
 
-def select_rows(inputs: Inputs, index: slice | torch.Tensor) -> Inputs:
-    if isinstance(inputs, dict):
-        return {k: v[index] for k, v in inputs.items()}
-    return inputs[index]
-
-
 @dataclass
 class TensorEdit:
     """An edit of any model: on ``inputs`` (batch first: n examples) it should output ``targets`` (n, ...).
@@ -132,11 +126,6 @@ class TensorBatch:
 
     def __len__(self) -> int:
         return num_rows(self.inputs)
-
-    def rows(self, index: slice) -> TensorBatch:
-        return TensorBatch(
-            select_rows(self.inputs, index), None if self.targets is None else self.targets[index]
-        )
 
     @staticmethod
     def cat(batches: list[TensorBatch]) -> TensorBatch:

@@ -43,13 +43,7 @@ REQUEST = EditRequest(
 TEXTS = ["Water boils at one hundred degrees.", "The museum is closed on Mondays."]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and lose a lot when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_edits(n: int, seed: int = 0) -> list[EditRequest]:

@@ -25,7 +25,6 @@ NLL + val_kl_weight * max(C - margin, 0).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +36,9 @@ from ..arch import architecture, linear_shape
 from ..editor import Editor, register
 from ..hooks import Trace
 from ..lm import aligned_logits, generate, row_nll
-from ..models import fingerprint
 from ..patch import Delta, linear_delta
 from ..requests import EditRequest
-from ..training.checkpoint import read_editor_files, with_saved_hparams, write_editor_files
+from ..training.checkpoint import editor_meta, read_editor_files, with_saved_hparams, write_editor_files
 from ..training.data import MetaBatch
 
 CONFIG_FILE, WEIGHTS_FILE = "ke.json", "ke.safetensors"
@@ -271,16 +269,7 @@ class KE(Editor):
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        hparams = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "editor_path"}
-        meta = {
-            "method": self.name,
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint(self.model),
-            "model": getattr(self.model, "name_or_path", None),
-            "shapes": {m: list(s) for m, s in self.network.shapes.items()},
-            "embed_dim": self.network.proj.in_features,
-            "hparams": hparams,
-        }
+        meta = editor_meta(self, FORMAT_VERSION, self.network.shapes, embed_dim=self.network.proj.in_features)
         tensors = {k: v.detach().contiguous() for k, v in self.network.state_dict().items()}
         return write_editor_files(directory, "ke", meta, tensors)
 

@@ -23,7 +23,6 @@ identity at init and trains.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from ..hooks import Trace
 from ..models import fingerprint
 from ..patch import Delta, linear_delta
 from ..tasks import Task, resolve_task
-from ..training.checkpoint import read_editor_files, with_saved_hparams, write_editor_files
+from ..training.checkpoint import editor_meta, read_editor_files, with_saved_hparams, write_editor_files
 
 EDITORS_DIR = (
     Path(__file__).resolve().parents[1] / "editors"
@@ -285,15 +284,7 @@ class MEND(Editor):
         """Write mend.json (fingerprint, layers, hparams), mend.safetensors (network, alphas, stats)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        hparams = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "editor_path"}
-        meta = {
-            "method": self.name,
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint(self.model),
-            "model": getattr(self.model, "name_or_path", None),
-            "shapes": {m: list(s) for m, s in self.network.shapes.items()},
-            "hparams": hparams,
-        }
+        meta = editor_meta(self, FORMAT_VERSION, self.network.shapes)
         tensors = {
             k: (v.to(dtype) if v.is_floating_point() and v.dtype != torch.float64 else v).contiguous()
             for k, v in self.network.state_dict().items()

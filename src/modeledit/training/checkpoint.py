@@ -13,6 +13,20 @@ from torch import nn
 from ..models import fingerprint
 
 
+def editor_meta(editor, format_version: int, shapes: dict[str, tuple[int, int]], **extra) -> dict:
+    """The metadata of a learned editor's files: method, model fingerprint, edited shapes, hyperparameters."""
+    hparams = {k: v for k, v in dataclasses.asdict(editor.config).items() if k != "editor_path"}
+    return {
+        "method": editor.name,
+        "format_version": format_version,
+        "fingerprint": fingerprint(editor.model),
+        "model": getattr(editor.model, "name_or_path", None),
+        "shapes": {m: list(s) for m, s in shapes.items()},
+        **extra,
+        "hparams": hparams,
+    }
+
+
 def write_editor_files(
     directory: str | Path, stem: str, meta: dict, tensors: dict[str, torch.Tensor]
 ) -> Path:
