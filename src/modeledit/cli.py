@@ -284,6 +284,9 @@ def train(
     wiki: Path = typer.Option(None, help="SQuAD-style JSON whose contexts give the unrelated texts"),
     threads: int = typer.Option(None, help="torch CPU threads"),
     resume: bool = typer.Option(False, help="continue from OUT/last"),
+    init: Path = typer.Option(
+        None, help="start from this trained editor's weights (fine-tune it with new --set values)"
+    ),
     seed: int = typer.Option(0, help="shuffling of the training edits"),
     set_: list[str] = typer.Option([], "--set", help="editor or trainer setting KEY=VALUE (repeatable)"),
 ) -> None:
@@ -299,6 +302,7 @@ def train(
         from .locality import default_locality_texts
         from .requests import load_requests
         from .training import EditBatches, TrainConfig, split_train_val, train_editor, validation_batches
+        from .training.checkpoint import with_saved_hparams
         from .training.data import wiki_sentences
 
         learned = [m for m in available_methods() if hasattr(EDITORS[m], "for_training")]
@@ -330,8 +334,19 @@ def train(
             train_texts = val_texts = default_locality_texts()
         model, tokenizer = _load(model_name)
         seq2seq = is_seq2seq(model)
-        config = cls.Config(**{k: v for k, v in overrides.items() if k in method_keys})
+        method_overrides = {k: v for k, v in overrides.items() if k in method_keys}
+        config = cls.Config(**method_overrides)
+        if init is not None:  # the trained editor's hyperparameters (its shapes), then this command's --set
+            init_meta = init / f"{method}.json"
+            if not init_meta.exists():
+                raise ValueError(f"--init {init}: no trained {method} editor ({init_meta.name} missing)")
+            config = dataclasses.replace(
+                with_saved_hparams(cls.Config(), json.loads(init_meta.read_text())), **method_overrides
+            )
         editor = cls.for_training(model, tokenizer, config)
+        if init is not None and not (resume and (out / "last").exists()):
+            editor.load(init)
+            editor.config = config
         batches = EditBatches(
             tokenizer, train_requests, edits_per_batch, train_texts, texts_per_batch, seed, seq2seq
         )

@@ -373,6 +373,27 @@ class LanguageModelTask(Task):
         stats[key] = kl.item()
         return kl
 
+    def neighbour_margin(self, before, after, meta_batch, stats: dict) -> torch.Tensor:
+        """Mean rise, over the neighbourhood rows, of log p(new) - log p(true) at the first answer token
+        where the edit's target_new and the neighbour's answer differ: the edit's target must not gain on
+        prompts that share the relation but not the subject (what NS counts). The KL barely sees this: a
+        neighbour's p(new) going from 0.001 to 0.01 costs little KL but can flip NS."""
+        (logits_before, labels), (logits_after, _) = before, after
+        offset = meta_batch.nb_offset.to(labels.device)
+        rows = torch.arange(meta_batch.n_neighbours, device=labels.device)[offset >= 0]
+        if len(rows) == 0:
+            return logits_after.new_zeros(())
+        at = (labels[rows] != -100).int().argmax(-1) + offset[rows]
+        true, new = labels[rows, at], meta_batch.nb_new_token.to(labels.device)[rows]
+        margins = []
+        for logits in (logits_before, logits_after):
+            logp = F.log_softmax(logits[rows, at].float(), -1)
+            margins.append(logp.gather(1, new[:, None]).squeeze(1) - logp.gather(1, true[:, None]).squeeze(1))
+        rise = F.relu(margins[1] - margins[0].detach())
+        stats["nb_flipped"] = 100.0 * ((margins[0] < 0) & (margins[1] > 0)).float().mean().item()
+        stats["nb_margin"] = rise.mean().item()
+        return rise.mean()
+
     def success_stats(self, gen_out, gen_loss: torch.Tensor, meta_batch, stats: dict) -> None:
         """es / ps: share of rewrite / paraphrase rows where target_new beats target_true (rows [n_new:])."""
         if gen_loss.shape[0] > meta_batch.n_new:

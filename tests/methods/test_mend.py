@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,9 +23,11 @@ from modeledit.methods.mend import (
     gradient_factors,
 )
 from modeledit.patch import LowRank
+from modeledit.tasks import LanguageModelTask
 from modeledit.training import (
     EditBatches,
     TrainConfig,
+    first_divergence,
     meta_batch,
     train_editor,
     validate,
@@ -169,6 +172,46 @@ def test_training_loss_updates_statistics_only_in_training_mode(tokenizer):
     assert grads[0].abs().sum() > 0, "the loss reaches the step sizes through W~"
 
 
+def test_meta_batch_marks_where_each_neighbour_s_answer_and_the_new_target_part(tokenizer):
+    batch = meta_batch(tokenizer, [REQUEST], TEXTS)
+    true = target_batch(tokenizer, REQUEST.neighborhood_prompts, ["Paris"])["labels"][0]
+    new = target_batch(tokenizer, REQUEST.neighborhood_prompts, [REQUEST.target_new])["labels"][0]
+    true, new = true[true != -100].tolist(), new[new != -100].tolist()
+    j = batch.nb_offset.item()
+    assert batch.n_neighbours == 1 and true[:j] == new[:j] and true[j] != new[j]
+    assert batch.nb_new_token.item() == new[j]
+    same = first_divergence(torch.tensor([[-100, 5, 6]]), torch.tensor([[-100, 5, 6, 7]]))
+    assert same[1].tolist() == [-1], "no position of the true answer tells them apart"
+
+
+def test_neighbour_margin_is_the_rise_of_new_over_true_on_neighbour_rows():
+    task = LanguageModelTask(char_tokenizer())
+    labels = torch.tensor([[-100, 3, 4], [-100, 5, -100], [1, 2, 3]])  # two neighbours, then a text
+    batch = SimpleNamespace(n_neighbours=2, nb_new_token=torch.tensor([7, 8]), nb_offset=torch.tensor([0, 0]))
+    before = torch.zeros(3, 3, 10)
+    before[0, 1, 3] = before[1, 1, 5] = 4.0  # the true answers lead
+    after = before.clone()
+    after[0, 1, 7] = 6.0  # neighbour 0: the new target now beats the true one by 2 (it trailed by 4)
+    after[2, :, 8] = 9.0  # the text row does not count
+    stats: dict = {}
+    rise = task.neighbour_margin((before, labels), (after, labels), batch, stats)
+    assert rise.item() == pytest.approx((6.0 + 0.0) / 2, abs=1e-5)
+    assert stats["nb_flipped"] == 50.0
+    assert task.neighbour_margin((before, labels), (before, labels), batch, {}).item() == 0.0
+
+
+def test_hard_negative_term_enters_the_loss_only_when_weighted(tokenizer):
+    batch = meta_batch(tokenizer, [REQUEST], TEXTS)
+    editor = fresh_editor(alpha_init=1.0)
+    editor.train(False)
+    plain, stats = editor.training_loss(batch)
+    assert "nb_margin" not in stats
+    editor.config.c_nb = 10.0
+    weighted, stats = editor.training_loss(batch)
+    assert stats["nb_margin"] > 0, "a full step on the edit must move the neighbour towards the new target"
+    assert weighted.item() == pytest.approx(plain.item() + 10.0 * stats["nb_margin"], rel=1e-4)
+
+
 def test_patch_is_low_rank_and_applies_and_reverts_bit_exactly(tokenizer):
     editor = fresh_editor(alpha_init=1e-2)
     model = editor.model
@@ -206,6 +249,19 @@ def test_batched_edit_sums_the_single_edits(tokenizer):
         torch.testing.assert_close(
             batched.dense(name), sum(s.dense(name) for s in singles), rtol=1e-4, atol=1e-7
         )
+
+
+def test_alpha_scale_multiplies_the_update_and_survives_loading_an_editor(tokenizer, tmp_path):
+    editor = fresh_editor(alpha_init=1e-2)
+    editor.training_loss(meta_batch(tokenizer, [REQUEST], TEXTS))  # non-trivial normalisation statistics
+    editor.save(tmp_path)
+    one = editor.compute_deltas([REQUEST])
+    editor.config.alpha_scale = 2.0
+    two = editor.compute_deltas([REQUEST])
+    for name in one:
+        torch.testing.assert_close(two[name].dense(), 2.0 * one[name].dense())
+    loaded = MEND(editor.model, tokenizer, MENDConfig(editor_path=str(tmp_path), alpha_scale=0.5))
+    assert loaded.config.alpha_scale == 0.5, "an edit-time setting is not overwritten by the saved one"
 
 
 def test_save_load_round_trip_gives_identical_patches(tokenizer, tmp_path):
@@ -282,6 +338,25 @@ def test_cli_train_writes_editor_curves_and_metrics(tmp_path):
     assert metrics["steps"] == 4 and metrics["hparams"]["rank"] == 8 and metrics["peak_rss_mb"] > 0
     bad = CliRunner().invoke(app, args + ["--out", str(out), "--set", "nope=1"])
     assert bad.exit_code == 2 and "unknown setting" in bad.output
+
+
+def test_cli_train_init_fine_tunes_a_trained_editor_with_new_settings(tmp_path):
+    model_dir, data = tmp_path / "model", tmp_path / "edits.json"
+    tiny_model("llama").save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    data.write_text(json.dumps([r.to_dict() for r in synthetic_edits(12)]))
+    common = ["train", "mend", "--model", str(model_dir), "--data", str(data)]
+    common += ["--val-size", "4", "--steps", "2"]
+    first = CliRunner().invoke(app, common + ["--out", str(tmp_path / "a"), "--set", "rank=8"])
+    assert first.exit_code == 0, first.output
+    second = CliRunner().invoke(
+        app, common + ["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a"), "--set", "c_nb=0.5"]
+    )
+    assert second.exit_code == 0, second.output
+    hparams = json.loads((tmp_path / "b" / "metrics.json").read_text())["hparams"]
+    assert hparams["rank"] == 8 and hparams["c_nb"] == 0.5  # the init editor's shape, this command's setting
+    history = json.loads((tmp_path / "b" / "metrics.json").read_text())["history"]
+    assert any("nb_margin" in h for h in history)
 
 
 @pytest.mark.slow

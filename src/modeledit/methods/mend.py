@@ -59,8 +59,13 @@ class MENDConfig:
     num_blocks: int = 3
     rank: int = 64  # rank of the editor network's layers (the paper uses 1920)
     alpha_init: float = 1e-4  # initial per-layer step size alpha_l
+    # edit time only: multiplies the learned alpha_l; > 1 stronger edits (ES, PS), < 1 more local (NS)
+    alpha_scale: float = 1.0
     c_edit: float = 0.1  # weight of the edit NLL in the training loss
     c_loc: float = 1.0  # weight of the locality KL in the training loss
+    # weight of the hard-negative term (not in the paper; 0 = the paper's loss): on neighbourhood prompts the
+    # rise of log p(target_new) - log p(target_true) at the answer's first token, which NS counts
+    c_nb: float = 0.0
     lr: float = 1e-4  # Adam learning rate of the editor network (training)
     lr_alpha: float = 1e-4  # Adam learning rate of the step sizes alpha_l (training)
     seed: int = 0  # initialisation of the editor network
@@ -237,7 +242,8 @@ class MEND(Editor):
         factors = gradient_factors(self.model, self.task, requests, list(self.network.shapes))
         with torch.no_grad():
             updates = self.network(factors)
-        return dict(linear_delta(self.model, m, left, right) for m, (left, right) in updates.items())
+        scale = self.config.alpha_scale
+        return dict(linear_delta(self.model, m, scale * left, right) for m, (left, right) in updates.items())
 
     # -- training (the trainer's learned-editor interface) ---------------------------------------------
     def train(self, mode: bool = True) -> MEND:
@@ -276,6 +282,8 @@ class MEND(Editor):
                     before = task.outputs(self.model, batch.loc)
                 after = task.outputs(self.model, batch.loc, params=edited)
                 loss = loss + c.c_loc * task.locality_penalty(before, after, batch, stats, "kl")
+                if c.c_nb and getattr(batch, "nb_new_token", None) is not None and batch.n_neighbours:
+                    loss = loss + c.c_nb * task.neighbour_margin(before, after, batch, stats)
         task.success_stats(gen_out, gen_loss.detach(), batch, stats)
         return loss, stats
 
@@ -294,7 +302,7 @@ class MEND(Editor):
     def load(self, directory: str | Path) -> None:
         """Load a trained editor; it must have been trained for this very model (same fingerprint)."""
         meta, tensors = read_editor_files(directory, "mend", self.model, "MEND editor", EditorNotTrainedError)
-        self.config = with_saved_hparams(self.config, meta)
+        self.config = with_saved_hparams(self.config, meta, keep=("alpha_scale",))
         if self.network is None:
             shapes = {m: tuple(s) for m, s in meta["shapes"].items()}
             self.network = MENDNetwork(shapes, self.config.rank, self.config.alpha_init)

@@ -47,6 +47,10 @@ class MetaBatch:
     n_new: int  # rows of ``gen`` scored with target_new; rows [n_new:] repeat them with target_true
     loc: dict[str, torch.Tensor] | None
     n_neighbours: int = 0  # rows [:n_neighbours] of ``loc`` are neighbourhood prompts, the rest texts
+    # per neighbour row: its edit's target_new token where it first differs from the row's answer, and at
+    # which answer position (-1: never differs; see first_divergence)
+    nb_new_token: torch.Tensor | None = None
+    nb_offset: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -66,11 +70,13 @@ def meta_batch(
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loc_parts = []
-    neighbours = [pair for r in requests for pair in r.neighborhood()]
+    neighbours = [(p, a, r.target_new) for r in requests for p, a in r.neighborhood()]
+    nb_new_token = None
     if neighbours:
-        loc_parts.append(
-            target_batch(tokenizer, [p for p, _ in neighbours], [a for _, a in neighbours], seq2seq)
-        )
+        nb_prompts = [p for p, _, _ in neighbours]
+        loc_parts.append(target_batch(tokenizer, nb_prompts, [a for _, a, _ in neighbours], seq2seq))
+        new_labels = target_batch(tokenizer, nb_prompts, [n for _, _, n in neighbours], seq2seq)["labels"]
+        nb_new_token, nb_offset = first_divergence(loc_parts[0]["labels"], new_labels)
     if texts:
         loc_parts.append(text_batch(tokenizer, texts, max_length=max_text_tokens))
     return MetaBatch(
@@ -80,7 +86,24 @@ def meta_batch(
         n_new=len(prompts),
         loc=concat_batches(loc_parts, pad) if loc_parts else None,
         n_neighbours=len(neighbours),
+        nb_new_token=nb_new_token,
+        nb_offset=nb_offset,
     )
+
+
+def first_divergence(
+    true_labels: torch.Tensor, new_labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the new answer's token at the first answer position where it differs from the true one,
+    and that position's offset from the answer's start (-1 where they never differ within the true answer:
+    the teacher-forced true row holds no logits that decide between them there)."""
+    tokens, offsets = [], []
+    for true_row, new_row in zip(true_labels, new_labels):
+        true_ids, new_ids = true_row[true_row != -100].tolist(), new_row[new_row != -100].tolist()
+        j = next((i for i, (a, b) in enumerate(zip(true_ids, new_ids)) if a != b), None)
+        tokens.append(new_ids[j] if j is not None else 0)
+        offsets.append(j if j is not None else -1)
+    return torch.tensor(tokens), torch.tensor(offsets)
 
 
 class EditBatches:
