@@ -254,14 +254,16 @@ def test_batched_edit_sums_the_single_edits(tokenizer):
 def test_alpha_scale_multiplies_the_update_and_survives_loading_an_editor(tokenizer, tmp_path):
     editor = fresh_editor(alpha_init=1e-2)
     editor.training_loss(meta_batch(tokenizer, [REQUEST], TEXTS))  # non-trivial normalisation statistics
-    editor.save(tmp_path)
     one = editor.compute_deltas([REQUEST])
     editor.config.alpha_scale = 2.0
     two = editor.compute_deltas([REQUEST])
     for name in one:
         torch.testing.assert_close(two[name].dense(), 2.0 * one[name].dense())
-    loaded = MEND(editor.model, tokenizer, MENDConfig(editor_path=str(tmp_path), alpha_scale=0.5))
-    assert loaded.config.alpha_scale == 0.5, "an edit-time setting is not overwritten by the saved one"
+    editor.save(tmp_path)  # a calibrated editor: its scale is saved with it
+    loaded = MEND(editor.model, tokenizer, MENDConfig(editor_path=str(tmp_path)))
+    assert loaded.config.alpha_scale == 2.0
+    chosen = MEND(editor.model, tokenizer, MENDConfig(editor_path=str(tmp_path), alpha_scale=0.5))
+    assert chosen.config.alpha_scale == 0.5, "the user's edit-time choice is not overwritten by the saved one"
 
 
 def test_save_load_round_trip_gives_identical_patches(tokenizer, tmp_path):

@@ -59,8 +59,9 @@ class MENDConfig:
     num_blocks: int = 3
     rank: int = 64  # rank of the editor network's layers (the paper uses 1920)
     alpha_init: float = 1e-4  # initial per-layer step size alpha_l
-    # edit time only: multiplies the learned alpha_l; > 1 stronger edits (ES, PS), < 1 more local (NS)
-    alpha_scale: float = 1.0
+    # edit time only: multiplies the learned alpha_l (> 1: stronger edits, ES and PS; < 1: more local, NS);
+    # None: the scale saved with the editor (calibrated on validation edits; 1.0 if none was saved)
+    alpha_scale: float | None = None
     c_edit: float = 0.1  # weight of the edit NLL in the training loss
     c_loc: float = 1.0  # weight of the locality KL in the training loss
     # weight of the hard-negative term (not in the paper; 0 = the paper's loss): on neighbourhood prompts the
@@ -242,7 +243,7 @@ class MEND(Editor):
         factors = gradient_factors(self.model, self.task, requests, list(self.network.shapes))
         with torch.no_grad():
             updates = self.network(factors)
-        scale = self.config.alpha_scale
+        scale = 1.0 if self.config.alpha_scale is None else self.config.alpha_scale
         return dict(linear_delta(self.model, m, scale * left, right) for m, (left, right) in updates.items())
 
     # -- training (the trainer's learned-editor interface) ---------------------------------------------
@@ -302,7 +303,10 @@ class MEND(Editor):
     def load(self, directory: str | Path) -> None:
         """Load a trained editor; it must have been trained for this very model (same fingerprint)."""
         meta, tensors = read_editor_files(directory, "mend", self.model, "MEND editor", EditorNotTrainedError)
-        self.config = with_saved_hparams(self.config, meta, keep=("alpha_scale",))
+        chosen_scale = self.config.alpha_scale  # the user's edit-time choice wins over the saved one
+        self.config = with_saved_hparams(self.config, meta)
+        if chosen_scale is not None:
+            self.config.alpha_scale = chosen_scale
         if self.network is None:
             shapes = {m: tuple(s) for m, s in meta["shapes"].items()}
             self.network = MENDNetwork(shapes, self.config.rank, self.config.alpha_init)

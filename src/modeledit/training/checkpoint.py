@@ -60,8 +60,7 @@ def read_editor_files(
     return meta, load_file(str(weights))
 
 
-def with_saved_hparams(config, meta: dict, keep: tuple[str, ...] = ()):
-    """The config with the hyperparameters an editor was trained with (all but its path and ``keep``:
-    settings of edit time that the user chooses, not the training)."""
-    known = {f.name for f in dataclasses.fields(config)} - {"editor_path", *keep}
+def with_saved_hparams(config, meta: dict):
+    """The config with the hyperparameters an editor was trained with (all but its path)."""
+    known = {f.name for f in dataclasses.fields(config)} - {"editor_path"}
     return dataclasses.replace(config, **{k: v for k, v in meta["hparams"].items() if k in known})
