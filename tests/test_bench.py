@@ -7,6 +7,7 @@ import json
 from conftest import char_tokenizer, tiny_model
 from typer.testing import CliRunner
 
+from modeledit.bench import retention_markdown
 from modeledit.cli import app
 
 RECORD = {"prompt": "The capital of {} is", "target_true": "Paris", "neighborhood_prompts": ["X is in"]}
@@ -107,3 +108,10 @@ def test_bench_resume_keeps_finished_runs(tmp_path):
     assert result.exit_code == 0, result.output
     assert not (out / "ft.log").exists()  # not run again
     assert json.loads((out / "results.json").read_text())["methods"]["ft"]["ES"] == first["summary"]["ES"]
+
+
+def test_retention_table_writes_a_collapsed_perplexity_in_scientific_notation():
+    results = {"model": "m", "data": "d.json", "offset": 0, "limit": 2, "date": "today", "machine": "here",
+               "methods": {"x": {"unrelated_ppl_before": 65.9, "unrelated_ppl_after": 4.7e28}}}  # fmt: skip
+    table = retention_markdown(results)
+    assert "| 65.9 | 4.7e+28 |" in table

@@ -137,6 +137,8 @@ def _fmt(value, key: str) -> str:
         return f"{value:.3f}" if abs(value) < 1000 else f"{value:.1e}"
     if key == "peak_rss_mb":
         return f"{value:.0f}"
+    if isinstance(value, float) and abs(value) >= 1e6:  # a perplexity after a collapse
+        return f"{value:.1e}"
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
