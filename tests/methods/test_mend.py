@@ -184,6 +184,16 @@ def test_meta_batch_marks_where_each_neighbour_s_answer_and_the_new_target_part(
     assert same[1].tolist() == [-1], "no position of the true answer tells them apart"
 
 
+def test_meta_batch_without_neighbours_has_no_hard_negatives(tokenizer):
+    request = EditRequest(prompt="The capital of {} is", subject="Zorbia", target_new="Quux")
+    batch = meta_batch(tokenizer, [request], TEXTS)
+    assert batch.n_neighbours == 0 and batch.nb_new_token is None and batch.nb_offset is None
+    editor = fresh_editor(c_nb=1.0)
+    editor.train(False)
+    _, stats = editor.training_loss(batch)
+    assert "nb_margin" not in stats
+
+
 def test_neighbour_margin_is_the_rise_of_new_over_true_on_neighbour_rows():
     task = LanguageModelTask(char_tokenizer())
     labels = torch.tensor([[-100, 3, 4], [-100, 5, -100], [1, 2, 3]])  # two neighbours, then a text

@@ -65,7 +65,7 @@ class MENDConfig:
     c_edit: float = 0.1  # weight of the edit NLL in the training loss
     c_loc: float = 1.0  # weight of the locality KL in the training loss
     # weight of the hard-negative term (not in the paper; 0 = the paper's loss): on neighbourhood prompts the
-    # rise of log p(target_new) - log p(target_true) at the answer's first token, which NS counts
+    # rise of log p(target_new) - log p(answer) where the two answers first differ, which NS counts
     c_nb: float = 0.0
     lr: float = 1e-4  # Adam learning rate of the editor network (training)
     lr_alpha: float = 1e-4  # Adam learning rate of the step sizes alpha_l (training)

@@ -71,7 +71,7 @@ def meta_batch(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loc_parts = []
     neighbours = [(p, a, r.target_new) for r in requests for p, a in r.neighborhood()]
-    nb_new_token = None
+    nb_new_token = nb_offset = None
     if neighbours:
         nb_prompts = [p for p, _, _ in neighbours]
         loc_parts.append(target_batch(tokenizer, nb_prompts, [a for _, a, _ in neighbours], seq2seq))
