@@ -10,7 +10,7 @@ from conftest import tiny_model
 from modeledit import EditRequest, create_editor
 from modeledit.arch import ArchitectureError
 from modeledit.lm import mean_nll, prompt_ids, target_batch, target_ids
-from modeledit.methods.rome import CachedPrompts, build_rows, keys_and_values
+from modeledit.methods.rome import CachedPrompts, ValueSettings, build_rows, keys_and_values, optimise_values
 from modeledit.patch import LowRank
 from modeledit.requests import EditRequestError
 
@@ -98,6 +98,55 @@ def test_cached_suffix_pass_equals_a_full_forward(tokenizer):
         for p in pairs:
             pos = int(runner.pair_pos[p])
             torch.testing.assert_close(logits[p], full[split + pos], rtol=1e-4, atol=1e-4)
+
+
+def test_running_a_subset_of_rows_gives_their_logits(tokenizer):
+    model = tiny_model("llama")
+    requests = [REQUEST, EditRequest(prompt="{} was born in", subject="Ann Bell", target_new="Oslo")]
+    rows = build_rows(tokenizer, requests, ["Hello there", "It is"])
+    runner = CachedPrompts(model, rows)
+    assert runner.can_select
+    only = torch.tensor([1, 3, 4, 7])
+    with torch.no_grad():
+        full, _, _ = runner.logits("model.layers.0.mlp.down_proj", None)
+        part, _, _ = runner.logits("model.layers.0.mlp.down_proj", None, only=only)
+        again, _, _ = runner.logits("model.layers.0.mlp.down_proj", None)  # the shared cache is intact
+    torch.testing.assert_close(part, full[torch.isin(runner.pair_row, only)], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, full)
+
+
+def test_batched_values_equal_one_request_at_a_time_and_finished_rows_stop_running(tokenizer, monkeypatch):
+    """Facts optimised together get the deltas they get alone (rows of finished facts are dropped, not
+    frozen in a batch that keeps running them)."""
+    model = tiny_model("llama")
+    requests = [REQUEST, EditRequest(prompt="{} was born in", subject="Ann Bell", target_new="Oslo")]
+    module, prefixes = "model.layers.0.mlp.down_proj", ["Hello there", "It is"]
+    settings = ValueSettings(
+        lr=1.0, steps=12, stop_nll=0.0, kl_factor=0.1, weight_decay=0.0, clamp_norm=100.0
+    )
+
+    def one_at_a_time():
+        return [
+            optimise_values(model, build_rows(tokenizer, [r], prefixes), 1, module, settings)
+            for r in requests
+        ]
+
+    # a stop between the two facts' final NLLs: one of them finishes early, the other runs every step
+    settings.stop_nll = float(sum(found["nll"][0] for found in one_at_a_time())) / 2
+    alone = one_at_a_time()
+    run_sizes = []
+    original = CachedPrompts.logits
+
+    def counting(self, *args, only=None, **kwargs):
+        run_sizes.append(len(self.rows.owner) if only is None else len(only))
+        return original(self, *args, only=only, **kwargs)
+
+    monkeypatch.setattr(CachedPrompts, "logits", counting)
+    together = optimise_values(model, build_rows(tokenizer, requests, prefixes), 2, module, settings)
+    for i, found in enumerate(alone):
+        torch.testing.assert_close(together["delta"][i], found["delta"][0], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(together["nll"][i], found["nll"][0], rtol=1e-3, atol=1e-5)
+    assert min(run_sizes) < max(run_sizes)  # one fact finished first and its rows stopped running
 
 
 def test_rome_without_covariance_and_a_subject_first_in_the_prompt(tokenizer):

@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from ..editor import register
 from ..patch import Delta, applied_patches, linear_delta
@@ -99,7 +100,9 @@ class MEMIT(LocateThenEdit):
         module = self.arch.residual(top)
         inits, deltas = [], []
         size = max(1, self.config.requests_per_step)
-        for i in range(0, len(requests), size):
+        starts = range(0, len(requests), size)
+        # a batch of hundreds of facts takes minutes per chunk on a CPU: show it (one chunk: no bar)
+        for i in tqdm(starts, desc=f"{self.name}: target values", unit="chunk", disable=len(starts) < 2):
             chunk = requests[i : i + size]
             rows = build_rows(self.tokenizer, chunk, self.prefixes)
             found = optimise_values(self.model, rows, len(chunk), module, self.value_settings())

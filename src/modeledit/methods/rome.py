@@ -194,15 +194,35 @@ class CachedPrompts:
                 logits_to_keep=1,
             )
         self.cache = getattr(out, "cache", None) or out.past_key_values
+        # running a subset of rows (``logits(only=...)``) needs a cache made of per-layer objects
+        self.can_select = hasattr(self.cache, "layers")
         # transformers renamed the argument past_key_values -> cache; use whichever this model takes.
         params = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
-    def logits(self, module: str, delta: torch.Tensor | None, capture_key: str | None = None):
+    def logits(
+        self,
+        module: str,
+        delta: torch.Tensor | None,
+        capture_key: str | None = None,
+        only: torch.Tensor | None = None,
+    ):
         """Logits (pairs x vocabulary) at the pairs ``(self.pair_row, self.pair_pos)`` that carry a target
         token or the KL term; with ``capture_key``, also that module's input at suffix position 0; and
-        ``module``'s output there (before the delta)."""
+        ``module``'s output there (before the delta). ``only`` (row indices, ascending) runs just those rows:
+        then the logits are those of their pairs, in the same order."""
         owner = self.rows.owner.to(self.device)
+        suffix_ids, mask, positions = self.rows.suffix_ids.to(self.device), self.mask, self.positions
+        pair_row, pair_pos = self.pair_row, self.pair_pos
+        cache = _copy_cache(self.cache)
+        if only is not None:
+            owner, suffix_ids, mask, positions = owner[only], suffix_ids[only], mask[only], positions[only]
+            for layer in cache.layers:  # the copy's own layers: the shared cache keeps every row
+                layer.batch_select_indices(only)
+            new_index = torch.full((len(self.rows.owner),), -1, dtype=torch.long, device=self.device)
+            new_index[only] = torch.arange(len(only), device=self.device)
+            kept = new_index[pair_row] >= 0
+            pair_row, pair_pos = new_index[pair_row[kept]], pair_pos[kept]
         seen: dict[str, torch.Tensor] = {}
 
         def add(name: str, out: torch.Tensor) -> torch.Tensor:
@@ -218,7 +238,7 @@ class CachedPrompts:
         first = int(self.keep[0])
 
         def gather(head, args):  # (rows, kept positions, hidden) -> (1, pairs, hidden) before the LM head
-            return (args[0][self.pair_row, self.pair_pos - first].unsqueeze(0), *args[1:])
+            return (args[0][pair_row, pair_pos - first].unsqueeze(0), *args[1:])
 
         names = [module] + ([capture_key] if capture_key and capture_key != module else [])
         handle = self.model.get_output_embeddings().register_forward_pre_hook(gather)
@@ -231,10 +251,10 @@ class CachedPrompts:
                 edit_output=add,
             ) as tr:
                 logits = self.model(
-                    input_ids=self.rows.suffix_ids.to(self.device),
-                    attention_mask=self.mask,
-                    position_ids=self.positions,
-                    **{self.cache_arg: _copy_cache(self.cache)},
+                    input_ids=suffix_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    **{self.cache_arg: cache},
                     use_cache=True,
                     logits_to_keep=self.keep,
                 ).logits[0]
@@ -280,7 +300,7 @@ def optimise_values(
     pair_row = runner.pair_row
     pair_label = rows.labels.to(device)[pair_row, runner.pair_pos]
     is_target = pair_label != -100
-    target_row, target_label = pair_row[is_target], pair_label[is_target]
+    target_row = pair_row[is_target]
     kl_pairs = (~is_target).nonzero().flatten()
     kl_rows = pair_row[kl_pairs]
     rewriting = rows.rewriting.to(device)
@@ -294,9 +314,17 @@ def optimise_values(
     hidden = None
     delta = None
     opt = None
+    nll = None
     out: dict[str, torch.Tensor] = {}
+    # Requests whose target NLL fell below stop_nll stop moving; their rows are no longer run (a batch of
+    # facts costs the sum of their steps, not the slowest fact's steps times the batch).
+    live = torch.ones(n_requests, dtype=torch.bool, device=device)
     for step in range(max(s.steps, 0) + 1):
-        logits, key, value = runner.logits(module, delta, capture_key=key_module if step == 0 else None)
+        run_rows = None if bool(live.all()) or not runner.can_select else live[owner].nonzero().flatten()
+        logits, key, value = runner.logits(
+            module, delta, capture_key=key_module if step == 0 else None, only=run_rows
+        )
+        run_pairs = torch.ones_like(pair_row, dtype=torch.bool) if run_rows is None else live[owner[pair_row]]
         if step == 0:
             hidden = value.shape[-1]
             out["init"] = per_request @ value.float()
@@ -307,20 +335,23 @@ def optimise_values(
             opt = torch.optim.Adam([delta], lr=s.lr)
             with torch.no_grad():
                 kl_init = torch.log_softmax(logits[kl_pairs].float(), -1)
-        logp = torch.log_softmax(logits.float(), -1)
-        picked = logp[is_target].gather(-1, target_label[:, None])[:, 0]
+        logp = torch.log_softmax(logits.float(), -1)  # the run pairs, in pair order
+        run_target = is_target[run_pairs]
+        picked = logp[run_target].gather(-1, pair_label[run_pairs][run_target][:, None])[:, 0]
         row_nll = -torch.zeros(len(owner), device=device).index_add(
-            0, target_row, picked
+            0, pair_row[run_pairs][run_target], picked
         ) / target_count.clamp(min=1)
-        nll = per_request @ row_nll  # (requests,)
+        now = per_request @ row_nll  # (requests,); 0 for requests not run
+        nll = now if nll is None else torch.where(live, now, nll.detach())
         out["nll"] = nll.detach()
         if step == s.steps or bool((nll < s.stop_nll).all()):
             break
-        kl_now = logp[kl_pairs]
-        kl = F.kl_div(kl_init, kl_now, log_target=True, reduction="none").sum(
+        kl_live = live[owner[kl_rows]] if run_rows is not None else torch.ones_like(kl_rows, dtype=torch.bool)
+        kl_now = logp[~run_target]
+        kl = F.kl_div(kl_init[kl_live], kl_now, log_target=True, reduction="none").sum(
             -1
         )  # KL(now || init) per KL row
-        kl_per_request = torch.zeros(n_requests, device=device).index_add(0, owner[kl_rows], kl)
+        kl_per_request = torch.zeros(n_requests, device=device).index_add(0, owner[kl_rows[kl_live]], kl)
         decay = s.weight_decay * delta.norm(dim=-1) / init_norm**2
         active = (nll >= s.stop_nll).float().detach()
         loss = ((nll + s.kl_factor * kl_per_request + decay) * active).sum()
@@ -333,6 +364,7 @@ def optimise_values(
             norm = delta.norm(dim=-1, keepdim=True).clamp(min=1e-12)
             delta.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm)))
             delta.copy_(torch.where(active[:, None] > 0, delta, keep))  # finished requests stay put
+        live = active.bool()  # a finished request's rows depend only on its own (now fixed) delta
     out["delta"] = delta.detach() if delta is not None else torch.zeros(n_requests, hidden or 0)
     return out
 
