@@ -7,8 +7,9 @@ import json
 from conftest import char_tokenizer, tiny_model
 from typer.testing import CliRunner
 
-from modeledit.bench import retention_markdown
+from modeledit.bench import SUITES, _eval_command, retention_markdown
 from modeledit.cli import app
+from modeledit.editor import Editor
 
 RECORD = {"prompt": "The capital of {} is", "target_true": "Paris", "neighborhood_prompts": ["X is in"]}
 NAMES = [("Zorbia", "Quux"), ("Ylland", "Blip"), ("Wess", "Nor"), ("Vat", "Kel")]
@@ -108,6 +109,43 @@ def test_bench_resume_keeps_finished_runs(tmp_path):
     assert result.exit_code == 0, result.output
     assert not (out / "ft.log").exists()  # not run again
     assert json.loads((out / "results.json").read_text())["methods"]["ft"]["ES"] == first["summary"]["ES"]
+
+
+def test_bench_resume_continues_an_interrupted_eval(tmp_path, monkeypatch):
+    """A method's eval killed after its first record: ``--resume`` keeps that record (marked here) and edits
+    only the rest."""
+    model_dir, data = tiny_setup(tmp_path)
+    out = tmp_path / "bench"
+    args = ["bench", "--model", str(model_dir), "--methods", "ft", "--data", str(data), "--out", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    partial = out / "ft.json.partial.jsonl"
+    assert not partial.exists()  # removed once the result is written
+    (out / "ft.json").unlink()
+    # the same eval that bench runs, in this process, stopped at its second edit
+    quick = SUITES["quick"]
+    command = _eval_command(
+        str(model_dir), "ft", str(data), 0, quick["limit"], quick["fluency_tokens"], out / "ft.json"
+    )
+    original, calls = Editor.edit, []
+
+    def edit_once(self, requests):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return original(self, requests)
+
+    monkeypatch.setattr(Editor, "edit", edit_once)
+    CliRunner().invoke(app, command[command.index("eval") :])
+    monkeypatch.setattr(Editor, "edit", original)
+    header, chunk = partial.read_text().splitlines()
+    chunk = json.loads(chunk)
+    chunk["results"][0]["post"]["ES"] = 12.5  # a mark that only a kept record can carry
+    partial.write_text(f"{header}\n{json.dumps(chunk)}\n")
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    records = json.loads((out / "ft.json").read_text())["records"]
+    assert records[0]["post"]["ES"] == 12.5 and records[1]["post"]["ES"] != 12.5
+    assert not partial.exists()
 
 
 def test_retention_table_writes_a_collapsed_perplexity_in_scientific_notation():

@@ -69,15 +69,18 @@ def run_eval(
     command: list[str], out: Path, resume: bool = False, tabulate_only: bool = False
 ) -> tuple[dict, float | None]:
     """Run one ``modeledit eval`` process writing ``out`` (its log beside it): (its JSON or {"error": last
-    line of the log}, its peak RSS in MB). ``resume``: keep a finished result of the same command;
-    ``tabulate_only``: never run, report a missing result as not run (to assemble runs made in parallel)."""
+    line of the log}, its peak RSS in MB). ``resume``: keep a finished result of the same command, continue
+    an interrupted one; ``tabulate_only``: never run, report a missing result as not run (to assemble runs
+    made in parallel)."""
     earlier = _same_run(out, command) if resume or tabulate_only else None
     if earlier is not None:
         return earlier, earlier["summary"].get("peak_rss_mb")
     if tabulate_only:
         return {"error": "not run"}, None
     log = out.with_suffix(".log")
-    status, rss = run_method(command, log)
+    sequential = "--mode" in command and command[command.index("--mode") + 1] == "sequential"
+    # an unfinished single/batch run continues from its partial results (sequential runs start over)
+    status, rss = run_method(command + (["--resume"] if resume and not sequential else []), log)
     if status != 0 or not out.exists():
         return {"error": _last_line(log)}, rss
     return json.loads(out.read_text()), rss

@@ -230,6 +230,11 @@ def eval_(
         0, help="sequential: also score all edits so far at this many points of the stream (retention curve)"
     ),
     out: Path = typer.Option(None, help="write summary and per-record results as JSON"),
+    resume: bool = typer.Option(
+        False,
+        "--resume/--no-resume",
+        help="single/batch with --out: continue an interrupted run from OUT.partial.jsonl (same settings)",
+    ),
 ) -> None:
     """Edit records of a data file and measure ES/PS/NS/S, EM/PM/NM, accuracy and drawdown."""
 
@@ -238,6 +243,12 @@ def eval_(
         from .evaluate import evaluate
         from .requests import load_requests
 
+        if resume and out is None:
+            raise ValueError("--resume needs --out (the partial results are kept beside it)")
+        if resume and mode == "sequential":
+            raise ValueError("a sequential evaluation cannot resume: its state is the edited model")
+        # single/batch runs with --out keep each scored chunk in a side file, so --resume can continue them
+        partial = out.parent / f"{out.name}.partial.jsonl" if out and mode != "sequential" else None
         requests = load_requests(data, offset=offset, limit=limit)
         model, tokenizer = _load(model_name)
         overrides = _parse_overrides(set_ + _editor_setting(editor_dir))
@@ -251,6 +262,8 @@ def eval_(
             batch_size=batch_size,
             fluency_tokens=fluency_tokens,
             retention_points=retention_points,
+            checkpoint=partial,
+            resume=resume,
         )
         result |= {"model": model_name, "data": str(data), "offset": offset, "limit": limit}
         table = Table(title=f"{result['method']} on {data.name} [{offset}:{offset + len(requests)}], {mode}")
@@ -264,6 +277,8 @@ def eval_(
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1, default=str))
+            if partial is not None:
+                partial.unlink(missing_ok=True)
             console.print(f"wrote {out}")
 
     _run(body)

@@ -13,9 +13,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -83,9 +87,15 @@ def evaluate(
     fluency_tokens: int = 0,
     progress: bool = True,
     retention_points: int = 0,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
 ) -> dict:
     """Edit and score ``requests``; ``editor=None`` scores the unedited model. Returns summary and records
-    (and, sequential with ``retention_points``, the retention curve)."""
+    (and, sequential with ``retention_points``, the retention curve).
+
+    ``checkpoint`` (single and batch modes): a JSON-lines file that receives each scored chunk as it is done;
+    with ``resume``, the chunks it already holds are not edited again (it must come from the same method,
+    settings, mode and records). Sequential runs cannot resume: their state is the edited model."""
     if mode not in ("single", "batch", "sequential"):
         raise ValueError(f"unknown mode {mode!r}: use single, batch or sequential")
     if mode == "single":
@@ -101,17 +111,25 @@ def evaluate(
     )
     retention: list[dict] = []
     sequential = mode == "sequential"
+    if checkpoint is not None and sequential:
+        raise ValueError("a sequential evaluation cannot be checkpointed or resumed (its state is the model)")
+    saved = _Checkpoint(checkpoint, editor, mode, batch_size, fluency_tokens, requests, resume)
     unrelated = default_locality_texts()
     ppl_before = text_perplexity(model, tokenizer, unrelated) if sequential else None
+    pending = [r for i, c in enumerate(chunks) if i not in saved.chunks for r in c]
     pre = {
         id(r): record_metrics(score_request(model, tokenizer, r))
-        for r in tqdm(requests, desc="scoring before", disable=not progress)
+        for r in tqdm(pending, desc="scoring before", disable=not progress)
     }
     edit_seconds: list[float] = []
     results: list[dict] = []
     bar = tqdm(chunks, desc=f"{editor.name if editor else 'none'} ({mode})", disable=not progress)
     try:
         for i, chunk in enumerate(bar):
+            if i in saved.chunks:  # done by an earlier, interrupted run
+                results += saved.chunks[i]["results"]
+                edit_seconds += saved.chunks[i]["seconds"]
+                continue
             if editor is not None:
                 start = time.perf_counter()
                 patch = editor.edit(chunk)
@@ -124,6 +142,7 @@ def evaluate(
                 ]
                 if editor is not None:
                     patch.revert(model)
+                saved.add(i, results[-len(chunk) :], edit_seconds[-1:] if editor is not None else [])
                 bar.set_postfix(_running(results))
             elif retention_points and i in points[:-1]:
                 done = [r for c in chunks[: i + 1] for r in c]
@@ -179,6 +198,58 @@ def evaluate(
         "retention": retention,
         "records": results,
     }
+
+
+class _Checkpoint:
+    """The chunks of an evaluation scored so far, one JSON line each after a header line that identifies the
+    run (method, settings, mode, records); inactive without a path."""
+
+    def __init__(self, path, editor, mode, batch_size, fluency_tokens, requests, resume: bool):
+        self.path = Path(path) if path is not None else None
+        self.chunks: dict[int, dict] = {}
+        if self.path is None:
+            return
+        records = hashlib.sha256(
+            json.dumps([dataclasses.asdict(r) for r in requests], sort_keys=True, default=str).encode()
+        ).hexdigest()
+        self.header = json.loads(
+            json.dumps(
+                {
+                    "method": editor.name if editor else "none",
+                    "hparams": editor.config.__dict__ if editor else {},
+                    "mode": mode,
+                    "batch_size": batch_size,
+                    "fluency_tokens": fluency_tokens,
+                    "records": records,
+                },
+                sort_keys=True,
+                default=str,
+            )
+        )
+        if resume and self.path.exists():
+            lines = self.path.read_text().splitlines()
+            if not lines or json.loads(lines[0]) != self.header:
+                raise ValueError(
+                    f"{self.path} was written by a different evaluation (method, settings, mode or records "
+                    "differ); delete it to start over"
+                )
+            for line in lines[1:]:
+                try:
+                    chunk = json.loads(line)
+                except json.JSONDecodeError:  # the line being written when the run was killed
+                    break
+                self.chunks[chunk["chunk"]] = chunk
+            self.path.write_text("".join(line + "\n" for line in lines[: len(self.chunks) + 1]))
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.header, sort_keys=True) + "\n")
+
+    def add(self, index: int, results: list[dict], seconds: list[float]) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(
+                    json.dumps({"chunk": index, "results": results, "seconds": seconds}, default=str) + "\n"
+                )
 
 
 def geometric_drawdown(results: list[dict]) -> float:
