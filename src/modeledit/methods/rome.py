@@ -346,7 +346,7 @@ def optimise_values(
         out["nll"] = nll.detach()
         if step == s.steps or bool((nll < s.stop_nll).all()):
             break
-        kl_live = live[owner[kl_rows]] if run_rows is not None else torch.ones_like(kl_rows, dtype=torch.bool)
+        kl_live = run_pairs[kl_pairs]  # the KL pairs that were run, in the order of kl_init
         kl_now = logp[~run_target]
         kl = F.kl_div(kl_init[kl_live], kl_now, log_target=True, reduction="none").sum(
             -1
