@@ -9,8 +9,17 @@ from conftest import tiny_model
 
 from modeledit import EditRequest, create_editor
 from modeledit.arch import ArchitectureError
+from modeledit.hooks import Trace
 from modeledit.lm import mean_nll, prompt_ids, target_batch, target_ids
-from modeledit.methods.rome import CachedPrompts, ValueSettings, build_rows, keys_and_values, optimise_values
+from modeledit.methods.rome import (
+    CachedPrompts,
+    ValueSettings,
+    build_rows,
+    keys_and_values,
+    optimise_values,
+    request_texts,
+    subject_last,
+)
 from modeledit.patch import LowRank
 from modeledit.requests import EditRequestError
 
@@ -147,6 +156,46 @@ def test_batched_values_equal_one_request_at_a_time_and_finished_rows_stop_runni
         torch.testing.assert_close(together["delta"][i], found["delta"][0], rtol=1e-3, atol=1e-5)
         torch.testing.assert_close(together["nll"][i], found["nll"][0], rtol=1e-3, atol=1e-5)
     assert min(run_sizes) < max(run_sizes)  # one fact finished first and its rows stopped running
+
+
+def test_key_aware_values_see_what_the_rank_one_update_adds_at_each_prompt(tokenizer, corpus):
+    """With key_aware (our deviation), each prompt's row gets delta x (u^T k_row) / (u^T k*) during the
+    optimisation: exactly what the final weight update adds to the module's output at that prompt."""
+    model = tiny_model("llama")
+    request = EditRequest(prompt="{} has a capital city named", subject="Zorbia", target_new="Quux")
+    editor = create_editor("rome", model, tokenizer, layer=0, mom2_source=corpus, clamp_norm=50.0, **FAST)
+    assert editor.config.key_aware
+    module = editor.arch.mlp_out(0)
+    found = optimise_values(
+        model,
+        build_rows(tokenizer, [request], editor.prefixes),
+        1,
+        module,
+        editor.value_settings(),
+        key_module=module,
+        update_direction=lambda k: editor.c_inverse_times(0, k).float(),
+    )
+    texts = request_texts(request, editor.prefixes)
+    scale = found["row_scale"][: len(texts)]  # the rewriting rows come first, one per text
+    assert (scale - 1).abs().max() > 0.01  # the prompts' keys differ from their mean
+
+    def outputs():
+        result = []
+        for text in texts:
+            ids = prompt_ids(tokenizer, text)
+            s = subject_last(tokenizer, text, request.subject)
+            with torch.no_grad(), Trace(model, [module], detach=True) as tr:
+                model(input_ids=torch.tensor([ids[: s + 1]]))
+            result.append(tr[module].output[0, s])
+        return torch.stack(result)
+
+    before = outputs()
+    patch = editor.edit(request)
+    patch.apply(model)
+    added = outputs() - before
+    patch.revert(model)
+    expected = found["delta"][0][None] * scale[:, None]
+    torch.testing.assert_close(added, expected, rtol=1e-3, atol=1e-4 * float(expected.norm(dim=-1).max()))
 
 
 def test_rome_without_covariance_and_a_subject_first_in_the_prompt(tokenizer):

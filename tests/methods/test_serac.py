@@ -74,8 +74,22 @@ def test_scope_decisions_on_planted_inputs(tokenizer):
     assert (logit[n:] <= 0).all(), "unrelated inputs routed to the counterfactual model"
 
 
+def test_the_shipped_classifier_is_the_default_and_untrained_remains_available(tokenizer):
+    from modeledit.methods.serac import SHIPPED_CLASSIFIER
+
+    model = tiny_model("llama")
+    default = create_editor("serac", model, tokenizer)
+    shipped = create_editor("serac", model, tokenizer, classifier_path=str(SHIPPED_CLASSIFIER))
+    untrained = create_editor("serac", model, tokenizer, classifier_path="untrained")
+    assert default.trained and default.classifier.identity() == shipped.classifier.identity()
+    assert not untrained.trained and float(untrained.classifier.U.abs().sum()) == 0.0
+    memory = default.edit(EDITS[0]).memory
+    assert memory.meta["classifier"]["id"] == shipped.classifier.identity()
+    assert any(k.startswith("classifier.") for k in memory.tensors)  # the patch carries its classifier
+
+
 def test_counterfactual_is_the_base_model_on_the_edit_in_context(tokenizer):
-    model, editor, _ = edited_model(tokenizer)
+    model, editor, _ = edited_model(tokenizer, contrast=0.0)
     memory = attachment(model, "serac")
     r = EDITS[0]
     ids = tokenizer(r.text)["input_ids"]
@@ -88,6 +102,21 @@ def test_counterfactual_is_the_base_model_on_the_edit_in_context(tokenizer):
         base = logits(model, tokenizer, r.text)[0, -1]
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.allclose(got, base)
+
+
+def test_contrast_amplifies_the_context_against_the_base_logits(tmp_path, tokenizer):
+    """contrast = c: in scope, logits = cf + c * (cf - base) (context-aware decoding); patches keep c."""
+    r = EDITS[0]
+    plain = logits(edited_model(tokenizer, contrast=0.0)[0], tokenizer, r.text)[0, -1]
+    base = logits(tiny_model("llama"), tokenizer, r.text)[0, -1]
+    model, _, patches = edited_model(tokenizer, contrast=1.5)
+    got = logits(model, tokenizer, r.text)[0, -1]
+    assert torch.allclose(got, plain + 1.5 * (plain - base), atol=1e-4)
+    out_of_scope = OUT_OF_SCOPE[0]
+    assert torch.equal(
+        logits(model, tokenizer, out_of_scope), logits(tiny_model("llama"), tokenizer, out_of_scope)
+    )
+    assert Patch.load(patches[0].save(tmp_path / "p.safetensors")).memory.meta["contrast"] == 1.5
 
 
 def test_decisions_are_per_position_and_batches_do_not_matter(tokenizer):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -206,17 +207,21 @@ class CachedPrompts:
         delta: torch.Tensor | None,
         capture_key: str | None = None,
         only: torch.Tensor | None = None,
+        row_scale: torch.Tensor | None = None,
     ):
         """Logits (pairs x vocabulary) at the pairs ``(self.pair_row, self.pair_pos)`` that carry a target
         token or the KL term; with ``capture_key``, also that module's input at suffix position 0; and
         ``module``'s output there (before the delta). ``only`` (row indices, ascending) runs just those rows:
-        then the logits are those of their pairs, in the same order."""
+        then the logits are those of their pairs, in the same order. ``row_scale`` (one per row) multiplies
+        the delta added to each row."""
         owner = self.rows.owner.to(self.device)
         suffix_ids, mask, positions = self.rows.suffix_ids.to(self.device), self.mask, self.positions
         pair_row, pair_pos = self.pair_row, self.pair_pos
         cache = _copy_cache(self.cache)
+        scale = row_scale
         if only is not None:
             owner, suffix_ids, mask, positions = owner[only], suffix_ids[only], mask[only], positions[only]
+            scale = None if scale is None else scale[only]
             for layer in cache.layers:  # the copy's own layers: the shared cache keeps every row
                 layer.batch_select_indices(only)
             new_index = torch.full((len(self.rows.owner),), -1, dtype=torch.long, device=self.device)
@@ -232,7 +237,7 @@ class CachedPrompts:
             if delta is None:
                 return out
             bump = torch.zeros_like(out)
-            bump[:, 0] = delta[owner].to(out.dtype)
+            bump[:, 0] = (delta[owner] if scale is None else delta[owner] * scale[:, None]).to(out.dtype)
             return out + bump
 
         first = int(self.keep[0])
@@ -289,11 +294,18 @@ def optimise_values(
     module: str,
     s: ValueSettings,
     key_module: str | None = None,
+    update_direction: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Deltas (requests x hidden) added to ``module``'s output at each subject's last token that make the
     targets likely (see the module docstring). Returns ``delta``, ``init`` (the module's unedited output
     there, averaged over each request's rewriting rows), ``nll`` (final per-request target NLL) and, with
-    ``key_module``, ``key``: that module's input there, averaged the same way."""
+    ``key_module``, ``key``: that module's input there, averaged the same way (and ``row_scale``, below).
+
+    ``update_direction`` (ROME: k -> C^-1 k, with ``key_module`` = ``module``): each row gets the delta scaled
+    by (u^T k_row) / (u^T k*), u = update_direction(k*): what the rank-one update adds at that row's key, so
+    the optimisation sees the edited weights. Without it every row gets the full delta (the paper), which
+    overrates the edit on prompts whose key is far from the mean k*: a subject at position 0 of the bare
+    prompt has a key that the update reaches with 5-50% of the delta on the prompts ROME failed on."""
     runner = CachedPrompts(model, rows)
     device = runner.device
     owner = rows.owner.to(device)
@@ -313,6 +325,7 @@ def optimise_values(
 
     hidden = None
     delta = None
+    row_scale = None
     opt = None
     nll = None
     out: dict[str, torch.Tensor] = {}
@@ -322,7 +335,7 @@ def optimise_values(
     for step in range(max(s.steps, 0) + 1):
         run_rows = None if bool(live.all()) or not runner.can_select else live[owner].nonzero().flatten()
         logits, key, value = runner.logits(
-            module, delta, capture_key=key_module if step == 0 else None, only=run_rows
+            module, delta, capture_key=key_module if step == 0 else None, only=run_rows, row_scale=row_scale
         )
         run_pairs = torch.ones_like(pair_row, dtype=torch.bool) if run_rows is None else live[owner[pair_row]]
         if step == 0:
@@ -331,6 +344,10 @@ def optimise_values(
             if key is not None:
                 out["key"] = per_request @ key.float()
             init_norm = out["init"].norm(dim=-1).clamp(min=1e-6)
+            if update_direction is not None and key is not None:
+                u = torch.stack([update_direction(k) for k in out["key"]]).to(key.dtype)  # (requests, hidden)
+                row_scale = ((key * u[owner]).sum(-1) / (out["key"] * u).sum(-1)[owner]).float()
+                out["row_scale"] = row_scale
             delta = torch.zeros(n_requests, hidden, device=device, requires_grad=True)
             opt = torch.optim.Adam([delta], lr=s.lr)
             with torch.no_grad():
@@ -407,6 +424,8 @@ class ROMEConfig:
     kl_factor: float = 0.0625  # weight of the essence KL on "{subject} is a"
     weight_decay: float = 0.5  # weight of |delta| / |W k|^2
     clamp_norm: float = 4.0  # |delta| <= clamp_norm x |W k|
+    key_aware: bool = True  # optimise v* seeing the rank-one update's share at each prompt's key (not in the
+    #                         paper: it fixes prompts with the subject first; see ``optimise_values``)
     seed: int = 0  # prefix sampling
 
 
@@ -479,7 +498,10 @@ class ROME(LocateThenEdit):
         layer = self.layer
         module = self.arch.mlp_out(layer)
         rows = build_rows(self.tokenizer, requests, self.prefixes)
-        found = optimise_values(self.model, rows, 1, module, self.value_settings(), key_module=module)
+        direction = (lambda k: self.c_inverse_times(layer, k).float()) if self.config.key_aware else None
+        found = optimise_values(
+            self.model, rows, 1, module, self.value_settings(), key_module=module, update_direction=direction
+        )
         k = found["key"][0]
         u = self.c_inverse_times(layer, k)
         right = (u / (u @ k.double())).float()  # W' k* = W k* + delta exactly
