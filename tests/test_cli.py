@@ -154,3 +154,13 @@ def test_bad_input_is_one_clear_line(model_dir, data_file, args, message, monkey
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_editor_folder_is_the_classifier_for_serac_and_the_editor_otherwise(tmp_path):
+    from modeledit.cli import _editor_setting
+
+    assert _editor_setting("serac", tmp_path) == [f"classifier_path={tmp_path}"]
+    assert _editor_setting("mend", tmp_path) == [f"editor_path={tmp_path}"]
+    assert _editor_setting("mend", None) == []
+    with pytest.raises(ValueError, match="no such folder"):
+        _editor_setting("serac", tmp_path / "missing")

@@ -151,15 +151,16 @@ def demo(
     _run(body)
 
 
-EDITOR_HELP = "folder of a trained editor (mend, ke, enn, serac): same as --set editor_path=DIR"
+EDITOR_HELP = "folder of a trained editor (mend, ke, enn; serac: its classifier): --set editor_path=DIR"
 
 
-def _editor_setting(editor_dir: Path | None) -> list[str]:
+def _editor_setting(method: str, editor_dir: Path | None) -> list[str]:
     if editor_dir is None:
         return []
     if not editor_dir.is_dir():
         raise ValueError(f"--editor {editor_dir}: no such folder")
-    return [f"editor_path={editor_dir}"]
+    key = "classifier_path" if method == "serac" else "editor_path"  # SERAC's trained part: its classifier
+    return [f"{key}={editor_dir}"]
 
 
 @app.command()
@@ -185,7 +186,7 @@ def edit(
         request.validate()
         model, tokenizer = _load(model_name)
         editor = create_editor(
-            method, model, tokenizer, **_parse_overrides(set_ + _editor_setting(editor_dir))
+            method, model, tokenizer, **_parse_overrides(set_ + _editor_setting(method, editor_dir))
         )
         prompts = [request.text, *paraphrase]
         before = generate(model, tokenizer, prompts)
@@ -251,7 +252,7 @@ def eval_(
         partial = out.parent / f"{out.name}.partial.jsonl" if out and mode != "sequential" else None
         requests = load_requests(data, offset=offset, limit=limit)
         model, tokenizer = _load(model_name)
-        overrides = _parse_overrides(set_ + _editor_setting(editor_dir))
+        overrides = _parse_overrides(set_ + _editor_setting(method, editor_dir))
         editor = None if method == "none" else create_editor(method, model, tokenizer, **overrides)
         result = evaluate(
             model,
