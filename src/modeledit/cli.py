@@ -151,7 +151,7 @@ def demo(
     _run(body)
 
 
-EDITOR_HELP = "folder of a trained editor (mend, ke, enn; serac: its classifier): --set editor_path=DIR"
+EDITOR_HELP = "folder of a trained editor (mend, ke, enn) or serac's scope classifier: what `train` wrote"
 
 
 def _editor_setting(method: str, editor_dir: Path | None) -> list[str]:
@@ -159,8 +159,10 @@ def _editor_setting(method: str, editor_dir: Path | None) -> list[str]:
         return []
     if not editor_dir.is_dir():
         raise ValueError(f"--editor {editor_dir}: no such folder")
-    key = "classifier_path" if method == "serac" else "editor_path"  # SERAC's trained part: its classifier
-    return [f"{key}={editor_dir}"]
+    from .editor import EDITORS
+
+    field = EDITORS[method].trained_folder if method in EDITORS else "editor_path"
+    return [f"{field}={editor_dir}"]
 
 
 @app.command()

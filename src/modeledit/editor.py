@@ -35,6 +35,7 @@ class Editor:
     Config: ClassVar[type]
     needs_subject: ClassVar[bool] = False
     any_model: ClassVar[bool] = False  # edits any nn.Module through a Task (else: language models only)
+    trained_folder: ClassVar[str] = "editor_path"  # the config field that ``--editor DIR`` sets
 
     def __init__(self, model: nn.Module, tokenizer, config: Any, task: Task | str | Any = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config

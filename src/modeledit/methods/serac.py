@@ -361,6 +361,7 @@ class SERAC(MemoryEditor):
     name = "serac"
     Config = SERACConfig
     memory_kind = KIND
+    trained_folder = "classifier_path"  # what ``modeledit train serac`` writes: the scope classifier
 
     def __init__(self, model: nn.Module, tokenizer, config: SERACConfig):
         super().__init__(model, tokenizer, config)
