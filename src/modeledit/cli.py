@@ -362,9 +362,15 @@ def train(
                 with_saved_hparams(cls.Config(), json.loads(init_meta.read_text())), **method_overrides
             )
         editor = cls.for_training(model, tokenizer, config)
-        if init is not None and not (resume and (out / "last").exists()):
+        resuming = resume and (out / "last").exists()
+        if init is not None and not resuming:
             editor.load(init)
             editor.config = config
+        if init is not None and hasattr(editor, "fold_alpha_scale"):  # MEND: fine-tune it as it edits
+            if resuming:  # the checkpoint holds the folded step sizes already
+                editor.config.alpha_scale = None
+            else:
+                editor.fold_alpha_scale()
         batches = EditBatches(
             tokenizer, train_requests, edits_per_batch, train_texts, texts_per_batch, seed, seq2seq
         )

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import char_tokenizer, tiny_model
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from modeledit import EditRequest, create_editor
@@ -276,6 +277,22 @@ def test_alpha_scale_multiplies_the_update_and_survives_loading_an_editor(tokeni
     assert chosen.config.alpha_scale == 0.5, "the user's edit-time choice is not overwritten by the saved one"
 
 
+def test_folding_the_scale_into_the_alphas_keeps_the_edit_and_is_what_train_init_starts_from(
+    tokenizer, tmp_path
+):
+    editor = fresh_editor(alpha_init=1e-2)
+    editor.training_loss(meta_batch(tokenizer, [REQUEST], TEXTS))  # non-trivial normalisation statistics
+    editor.config.alpha_scale = 2.5
+    scaled = editor.compute_deltas([REQUEST])
+    alphas = editor.network.alpha.detach().clone()
+    editor.fold_alpha_scale()
+    assert editor.config.alpha_scale is None
+    torch.testing.assert_close(editor.network.alpha.detach(), 2.5 * alphas)
+    folded = editor.compute_deltas([REQUEST])
+    for name in scaled:
+        torch.testing.assert_close(folded[name].dense(), scaled[name].dense())
+
+
 def test_save_load_round_trip_gives_identical_patches(tokenizer, tmp_path):
     editor = fresh_editor()
     editor.train(True)
@@ -359,14 +376,22 @@ def test_cli_train_init_fine_tunes_a_trained_editor_with_new_settings(tmp_path):
     data.write_text(json.dumps([r.to_dict() for r in synthetic_edits(12)]))
     common = ["train", "mend", "--model", str(model_dir), "--data", str(data)]
     common += ["--val-size", "4", "--steps", "2"]
-    first = CliRunner().invoke(app, common + ["--out", str(tmp_path / "a"), "--set", "rank=8"])
+    first = CliRunner().invoke(
+        app, common + ["--out", str(tmp_path / "a"), "--set", "rank=8", "--set", "alpha_scale=3.0"]
+    )
     assert first.exit_code == 0, first.output
     second = CliRunner().invoke(
-        app, common + ["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a"), "--set", "c_nb=0.5"]
+        app,
+        common + ["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a")]
+        + ["--set", "c_nb=0.5", "--set", "lr_alpha=0"],
     )
     assert second.exit_code == 0, second.output
     hparams = json.loads((tmp_path / "b" / "metrics.json").read_text())["hparams"]
     assert hparams["rank"] == 8 and hparams["c_nb"] == 0.5  # the init editor's shape, this command's setting
+    # trained as it edits: the calibrated scale went into the step sizes (kept fixed here by lr_alpha = 0)
+    assert hparams["alpha_scale"] is None
+    alpha = {d: load_file(tmp_path / d / "mend.safetensors")["alpha"] for d in "ab"}
+    torch.testing.assert_close(alpha["b"], 3.0 * alpha["a"])
     history = json.loads((tmp_path / "b" / "metrics.json").read_text())["history"]
     assert any("nb_margin" in h for h in history)
 

@@ -247,6 +247,15 @@ class MEND(Editor):
         return dict(linear_delta(self.model, m, scale * left, right) for m, (left, right) in updates.items())
 
     # -- training (the trainer's learned-editor interface) ---------------------------------------------
+    def fold_alpha_scale(self) -> None:
+        """Move the edit-time ``alpha_scale`` into the learned step sizes (alpha x scale, then no scale): the
+        editor edits exactly as before. ``train --init`` does this, so that fine-tuning a calibrated
+        editor trains the update at the size it is deployed with (the training loss uses no scale)."""
+        if self.config.alpha_scale is not None:
+            with torch.no_grad():
+                self.network.alpha.mul_(self.config.alpha_scale)
+        self.config.alpha_scale = None
+
     def train(self, mode: bool = True) -> MEND:
         self.network.train(mode)
         return self
