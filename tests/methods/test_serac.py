@@ -4,6 +4,8 @@ trip, training the scope classifier with the shared trainer, and the sequential 
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -119,6 +121,29 @@ def test_contrast_amplifies_the_context_against_the_base_logits(tmp_path, tokeni
     assert Patch.load(patches[0].save(tmp_path / "p.safetensors")).memory.meta["contrast"] == 1.5
 
 
+@pytest.mark.parametrize("contrast_generated", [True, False])
+def test_contrast_of_generated_tokens_is_optional(tokenizer, contrast_generated):
+    """contrast_generated = False: the prompt's positions (the first new token) are contrasted, a decoding
+    step on the model's own tokens (a forward with a filled key/value cache) gets the plain counterfactual."""
+    r = EDITS[0]
+    prompt = tokenizer(r.text, return_tensors="pt")["input_ids"]
+    step = tokenizer(" Quux", add_special_tokens=False, return_tensors="pt")["input_ids"][:, :1]
+
+    @torch.no_grad()
+    def prefill_and_step(model):
+        first = model(input_ids=prompt, use_cache=True)
+        cache = getattr(first, "cache", None) or first.past_key_values
+        arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        return first.logits[0, -1], model(input_ids=step, **{arg: cache}, use_cache=True).logits[0, -1]
+
+    plain = prefill_and_step(edited_model(tokenizer, contrast=0.0)[0])
+    model, _, patches = edited_model(tokenizer, contrast=1.5, contrast_generated=contrast_generated)
+    got = prefill_and_step(model)
+    assert patches[0].memory.meta["contrast_generated"] is contrast_generated
+    assert not torch.allclose(got[0], plain[0], atol=1e-4)  # the prompt: contrasted either way
+    assert torch.allclose(got[1], plain[1], atol=1e-4) is not contrast_generated
+
+
 def test_decisions_are_per_position_and_batches_do_not_matter(tokenizer):
     """Scoring target_new and target_true after the same prompt uses one decision at the prompt's last
     token (no target token leaks into it); out-of-scope rows are bit for bit the base model's."""
@@ -144,14 +169,18 @@ def test_decisions_are_per_position_and_batches_do_not_matter(tokenizer):
     assert torch.allclose(full[0, n - 1], last, atol=1e-5) and torch.allclose(full[1, n - 1], last, atol=1e-5)
 
 
-def test_generation_with_a_cache_matches_the_full_recomputation(tokenizer):
-    model, _, _ = edited_model(tokenizer)
+@pytest.mark.parametrize("contrast_generated", [True, False])
+def test_generation_with_a_cache_matches_the_full_recomputation(tokenizer, contrast_generated):
+    model, _, _ = edited_model(tokenizer, contrast=1.5, contrast_generated=contrast_generated)
+    # a decoding step after the first: the model's own tokens, contrasted only with contrast_generated
+    own_tokens = model if contrast_generated else edited_model(tokenizer, contrast=0.0)[0]
     prompt = EDITS[0].text
     (generated,) = generate(model, tokenizer, [prompt], max_new_tokens=4)
     ids = tokenizer(prompt)["input_ids"]
     with torch.no_grad():
-        for _ in range(4):  # greedy without a cache: every step classifies its whole prefix again
-            ids.append(int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+        for step in range(4):  # greedy without a cache: every step classifies its whole prefix again
+            m = model if step == 0 else own_tokens
+            ids.append(int(m(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
     assert generated == tokenizer.decode(ids[-4:], skip_special_tokens=True)
 
 
