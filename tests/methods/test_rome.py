@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 
 from modeledit import EditRequest, create_editor
-from modeledit.arch import ArchitectureError
+from modeledit.arch import ArchitectureError, architecture
 from modeledit.hooks import Trace
 from modeledit.lm import mean_nll, prompt_ids, target_batch, target_ids
 from modeledit.methods.rome import (
@@ -122,6 +122,62 @@ def test_running_a_subset_of_rows_gives_their_logits(tokenizer):
         again, _, _ = runner.logits("model.layers.0.mlp.down_proj", None)  # the shared cache is intact
     torch.testing.assert_close(part, full[torch.isin(runner.pair_row, only)], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(again, full)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gptj"])
+def test_passes_that_skip_the_blocks_below_the_edited_one_compute_the_same(arch, tokenizer, monkeypatch):
+    """After the first pass, the blocks below the edited one return their kept output instead of running:
+    the logits, with a delta and for a subset of rows, are those of passes that run every block."""
+    model = tiny_model(arch)
+    module = architecture(model).mlp_out(1)
+    requests = [REQUEST, EditRequest(prompt="{} was born in", subject="Ann Bell", target_new="Oslo")]
+    rows = build_rows(tokenizer, requests, ["Hello there", "It is"])
+    delta = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    only = torch.tensor([1, 3, 4, 7])
+    runner = CachedPrompts(model, rows)
+    below = model.get_submodule(architecture(model).stack()[0].name)
+    calls = []  # block 0's MLP runs only when block 0 does
+    model.get_submodule(architecture(model).mlp_out(0)).register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        runner.logits(module, None)  # the first pass keeps the output of block 0
+        assert len(calls) == 1 and 1 in runner.below
+        skipped = runner.logits(module, delta)[0], runner.logits(module, delta, only=only)[0]
+        assert len(calls) == 1, "block 0 ran again"
+        # capture_key makes a pass run every block
+        full = [runner.logits(module, delta, capture_key=module, only=o)[0] for o in (None, only)]
+    assert len(calls) == 3
+    assert "forward" not in below.__dict__
+    for a, b in zip(skipped, full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_first_pass_already_gives_the_first_gradient(tokenizer):
+    """The pass that reads the unedited values and keys also yields the gradient at delta = 0 (one leaf per
+    row, summed per request with each row's key-aware scale): the first Adam step, lr x sign(gradient), is
+    the one that autograd through a per-request delta gives."""
+    model = tiny_model("llama")
+    module = architecture(model).mlp_out(0)  # a value at the last block reaches no later token
+    rows = build_rows(tokenizer, [REQUEST], ["Hello there", "It is"])
+    settings = ValueSettings(
+        lr=0.01, steps=1, stop_nll=0.0, kl_factor=0.5, weight_decay=0.5, clamp_norm=100.0
+    )
+    found = optimise_values(model, rows, 1, module, settings, key_module=module, update_direction=lambda k: k)
+    assert found["row_scale"].std() > 0.01  # the rows' scales differ: the chain rule matters
+
+    runner = CachedPrompts(model, rows)
+    delta = torch.zeros(1, model.config.hidden_size, requires_grad=True)
+    logits, _, _ = runner.logits(module, delta, row_scale=found["row_scale"])
+    labels = rows.labels[runner.pair_row, runner.pair_pos]
+    target = labels != -100
+    picked = torch.log_softmax(logits[target], -1).gather(-1, labels[target][:, None])[:, 0]
+    per_row = torch.zeros(len(rows.owner)).index_add(0, runner.pair_row[target], -picked)
+    per_row = per_row / torch.bincount(runner.pair_row[target], minlength=len(rows.owner)).clamp(min=1)
+    nll = per_row[rows.rewriting].mean()
+    (gradient,) = torch.autograd.grad(nll, delta)
+    clear = gradient.abs() > 1e-3 * gradient.abs().max()
+    torch.testing.assert_close(
+        found["delta"][clear], -settings.lr * gradient.sign()[clear], rtol=1e-3, atol=1e-6
+    )
 
 
 def test_batched_values_equal_one_request_at_a_time_and_finished_rows_stop_running(tokenizer, monkeypatch):

@@ -33,13 +33,14 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import ArchitectureError
+from ..arch import ArchitectureError, architecture
 from ..editor import Editor, register
 from ..hooks import Trace
 from ..lm import prompt_ids, target_ids
@@ -204,6 +205,9 @@ class CachedPrompts:
         # transformers renamed the argument past_key_values -> cache; use whichever this model takes.
         params = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        # The delta cannot change what the blocks below the edited one compute: their output for the suffix
+        # tokens is kept from the first pass (per edited block) and later passes skip those blocks.
+        self.below: dict[int, torch.Tensor] = {}
 
     def logits(
         self,
@@ -212,17 +216,20 @@ class CachedPrompts:
         capture_key: str | None = None,
         only: torch.Tensor | None = None,
         row_scale: torch.Tensor | None = None,
+        per_row: bool = False,
     ):
         """Logits (pairs x vocabulary) at the pairs ``(self.pair_row, self.pair_pos)`` that carry a target
         token or the KL term; with ``capture_key``, also that module's input at suffix position 0; and
         ``module``'s output there (before the delta). ``only`` (row indices, ascending) runs just those rows:
         then the logits are those of their pairs, in the same order. ``row_scale`` (one per row) multiplies
-        the delta added to each row."""
+        the delta added to each row. ``per_row``: ``delta`` holds one delta per row, not one per request."""
         owner = self.rows.owner.to(self.device)
         suffix_ids, mask, positions = self.rows.suffix_ids.to(self.device), self.mask, self.positions
         pair_row, pair_pos = self.pair_row, self.pair_pos
         cache = _copy_cache(self.cache)
         scale = row_scale
+        if per_row:
+            owner = torch.arange(len(owner), device=self.device)
         if only is not None:
             owner, suffix_ids, mask, positions = owner[only], suffix_ids[only], mask[only], positions[only]
             scale = None if scale is None else scale[only]
@@ -252,13 +259,16 @@ class CachedPrompts:
         names = [module] + ([capture_key] if capture_key and capture_key != module else [])
         handle = self.model.get_output_embeddings().register_forward_pre_hook(gather)
         try:
-            with Trace(
-                self.model,
-                names,
-                capture_input=capture_key is not None,
-                capture_output=False,
-                edit_output=add,
-            ) as tr:
+            with (
+                self._blocks_below(module, only, reuse=capture_key is None),
+                Trace(
+                    self.model,
+                    names,
+                    capture_input=capture_key is not None,
+                    capture_output=False,
+                    edit_output=add,
+                ) as tr,
+            ):
                 logits = self.model(
                     input_ids=suffix_ids,
                     attention_mask=mask,
@@ -271,6 +281,42 @@ class CachedPrompts:
             handle.remove()
         key = tr[capture_key].input[:, 0].detach() if capture_key else None
         return logits, key, seen.get("value")
+
+    @contextmanager
+    def _blocks_below(self, module: str, only: torch.Tensor | None, reuse: bool):
+        """Within: the decoder blocks below ``module``'s block return their output kept from an earlier
+        pass over all rows (``reuse``, when there is one), or the pass over all rows keeps it."""
+        blocks = architecture(self.model).stack("decoder")
+        index = next((b.index for b in blocks if module.startswith(b.name + ".")), 0)
+        if index == 0:
+            yield
+            return
+        below = [self.model.get_submodule(b.name) for b in blocks[:index]]
+        if reuse and index in self.below:
+            kept = self.below[index] if only is None else self.below[index][only]
+            saved = [block.__dict__.get("forward") for block in below]  # e.g. accelerate's wrappers
+            for block in below:  # an instance attribute shadows the class's forward
+                block.forward = lambda *args, **kwargs: kept
+            try:
+                yield
+            finally:
+                for block, forward in zip(below, saved):
+                    if forward is None:
+                        del block.forward
+                    else:
+                        block.forward = forward
+            return
+
+        def keep(block, args, output):
+            if isinstance(output, torch.Tensor):  # blocks returning tuples (older transformers): no skipping
+                self.below[index] = output.detach()
+
+        handle = below[-1].register_forward_hook(keep) if only is None else None
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
 
 
 def _copy_cache(cache):
@@ -327,7 +373,7 @@ def optimise_values(
     per_request[owner[rewriting], rewriting.nonzero().flatten()] = 1.0
     per_request = per_request / per_request.sum(1, keepdim=True).clamp(min=1)
 
-    hidden = None
+    hidden = architecture(model).hidden_size
     delta = None
     row_scale = None
     opt = None
@@ -338,12 +384,13 @@ def optimise_values(
     live = torch.ones(n_requests, dtype=torch.bool, device=device)
     for step in range(max(s.steps, 0) + 1):
         run_rows = None if bool(live.all()) or not runner.can_select else live[owner].nonzero().flatten()
-        logits, key, value = runner.logits(
-            module, delta, capture_key=key_module if step == 0 else None, only=run_rows, row_scale=row_scale
-        )
+        if step == 0:  # delta = 0, but one leaf per row: the first gradient comes from this pass too
+            row_delta = torch.zeros(len(owner), hidden, device=device, requires_grad=True)
+            logits, key, value = runner.logits(module, row_delta, capture_key=key_module, per_row=True)
+        else:
+            logits, key, value = runner.logits(module, delta, only=run_rows, row_scale=row_scale)
         run_pairs = torch.ones_like(pair_row, dtype=torch.bool) if run_rows is None else live[owner[pair_row]]
         if step == 0:
-            hidden = value.shape[-1]
             out["init"] = per_request @ value.float()
             if key is not None:
                 out["key"] = per_request @ key.float()
@@ -378,6 +425,10 @@ def optimise_values(
         loss = ((nll + s.kl_factor * kl_per_request + decay) * active).sum()
         opt.zero_grad()
         loss.backward()
+        if step == 0:  # a request's delta reaches its rows as delta x row_scale: the chain rule by hand
+            row_grad = row_delta.grad if row_scale is None else row_delta.grad * row_scale[:, None]
+            by_request = torch.zeros_like(delta).index_add(0, owner, row_grad)
+            delta.grad = by_request if delta.grad is None else delta.grad + by_request
         keep = delta.detach().clone()
         opt.step()
         with torch.no_grad():
@@ -386,7 +437,7 @@ def optimise_values(
             delta.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm)))
             delta.copy_(torch.where(active[:, None] > 0, delta, keep))  # finished requests stay put
         live = active.bool()  # a finished request's rows depend only on its own (now fixed) delta
-    out["delta"] = delta.detach() if delta is not None else torch.zeros(n_requests, hidden or 0)
+    out["delta"] = delta.detach() if delta is not None else torch.zeros(n_requests, hidden)
     return out
 
 
