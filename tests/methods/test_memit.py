@@ -107,3 +107,25 @@ def test_alphaedit_update_lies_in_the_null_space_and_remembers_applied_edits(tok
     assert editor.preserved_edit_keys(1) is None
     second.apply(model)
     assert editor.preserved_edit_keys(1) is not None and len(editor._history) == 2
+
+
+def test_a_second_round_closes_more_of_the_residual(tokenizer, corpus):
+    """``rounds=2`` runs the layer spread again on the model with the first round's update: the residual
+    stream at the last edited block lands nearer the target values z."""
+    from modeledit.methods.rome import keys_and_values
+
+    model = deeper("llama")
+    misses, fixed = [], None
+    for rounds in (1, 2):
+        editor = create_editor("memit", model, tokenizer, layers=[0, 1], mom2_source=corpus, rounds=rounds,
+                               mom2_update_weight=50.0, clamp_norm=50.0, **FAST)  # fmt: skip
+        fixed = fixed or editor.target_residuals(REQUESTS, 1)
+        editor.target_residuals = lambda requests, top, z=fixed: z  # both runs aim at the same z
+        patch = editor.edit(REQUESTS)
+        assert all(d.dense().shape == model.get_parameter(n).shape for n, d in patch.deltas.items())
+        patch.apply(model)
+        value_module = editor.arch.residual(1)
+        _, now = keys_and_values(model, tokenizer, REQUESTS, editor.prefixes, [], value_module)
+        patch.revert(model)
+        misses.append(float((fixed[0] + fixed[1] - now).norm() / fixed[1].norm()))
+    assert misses[1] < 0.8 * misses[0], misses

@@ -62,6 +62,7 @@ class MEMITConfig:
     weight_decay: float = 0.5  # weight of |delta| / |h|^2
     clamp_norm: float = 0.75  # |delta| <= clamp_norm x |h| (h: the residual stream at the last layer)
     requests_per_step: int = 16  # facts whose values are optimised together in one batch
+    rounds: int = 1  # passes over the layers (not in the paper): a second pass spreads what the first missed
     seed: int = 0  # prefix sampling
 
 
@@ -127,22 +128,30 @@ class MEMIT(LocateThenEdit):
         z = h + delta
         self.moments.get(layers)  # one pass over the text for every layer still missing
         params: dict[str, torch.Tensor] = {}
-        out: dict[str, Delta] = {}
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (left, right), all rounds
         self._keys = {}
-        for i, layer in enumerate(layers):
-            module = self.arch.mlp_out(layer)
-            keys, now = keys_and_values(
-                self.model, self.tokenizer, requests, self.prefixes, [module], value_module, params
-            )
-            resid = (z - now) / (len(layers) - i)
-            self._keys[layer] = keys[module].cpu()
-            left, right = self.solve(layer, keys[module], resid)
-            name, low_rank = linear_delta(self.model, module, left.float(), right.float())
+        for _ in range(max(1, self.config.rounds)):
+            for i, layer in enumerate(layers):
+                module = self.arch.mlp_out(layer)
+                keys, now = keys_and_values(
+                    self.model, self.tokenizer, requests, self.prefixes, [module], value_module, params
+                )
+                resid = (z - now) / (len(layers) - i)
+                self._keys[layer] = keys[module].cpu()
+                left, right = self.solve(layer, keys[module], resid)
+                name = f"{module}.weight"
+                if name in factors:  # a later round: the update so far plus this round's
+                    left = torch.cat([factors[name][0], left], 1)
+                    right = torch.cat([factors[name][1], right], 0)
+                factors[name] = (left, right)
+                _, low_rank = linear_delta(self.model, module, left.float(), right.float())
+                weight = self.model.get_parameter(name)
+                params[name] = weight.detach() + low_rank.dense().to(weight.dtype)
+        out: dict[str, Delta] = {}
+        for name, (left, right) in factors.items():
+            _, low_rank = linear_delta(self.model, name.removesuffix(".weight"), left.float(), right.float())
             rows, cols = low_rank.shape
-            n = left.shape[1]
-            out[name] = low_rank if n * (rows + cols) < rows * cols else low_rank.dense()
-            weight = self.model.get_parameter(name)
-            params[name] = weight.detach() + low_rank.dense().to(weight.dtype)
+            out[name] = low_rank if left.shape[1] * (rows + cols) < rows * cols else low_rank.dense()
         return out
 
 

@@ -20,9 +20,11 @@ subject's last token: the MLP's input there is a *key* k, its output a *value* W
 
 The patch is rank one: its two factors are stored. What makes it fast (the paper's method is unchanged):
 the delta only affects positions from the subject's last token on, so the tokens before it run once through
-the model (a key/value cache) and each optimisation step runs only the few tokens after it; the LM head is
-computed only where a target is predicted; the key is read from the first step's forward pass; the loop stops
-once the target's NLL is below ``stop_nll``; C^-1 is factorised once per layer per editor.
+the model (a key/value cache) and each optimisation step runs only the few tokens after it, and only through
+the blocks from the edited one up (the output of the blocks below is kept from the first pass); the LM head is
+computed only where a target is predicted; the first pass gives the key, the unedited value and the first
+gradient; the loop stops once the target's NLL is below ``stop_nll``; C^-1 is factorised once per layer per
+editor.
 
 The shared machinery (prompts with prefixes, the cached value optimisation, keys) is used by MEMIT and
 AlphaEdit (``memit.py``) too.
