@@ -439,7 +439,7 @@ def optimise_values(
             delta.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm)))
             delta.copy_(torch.where(active[:, None] > 0, delta, keep))  # finished requests stay put
         live = active.bool()  # a finished request's rows depend only on its own (now fixed) delta
-    out["delta"] = delta.detach() if delta is not None else torch.zeros(n_requests, hidden)
+    out["delta"] = delta.detach()  # step 0 always runs and creates it
     return out
 
 
