@@ -56,11 +56,13 @@ def nlls(model, tokenizer, requests=REQUESTS) -> torch.Tensor:
     )
 
 
-def test_memit_with_one_edit_and_one_layer_is_rome(tokenizer, corpus):
+@pytest.mark.parametrize("key_aware", [False, True])
+def test_memit_with_one_edit_and_one_layer_is_rome(key_aware, tokenizer, corpus):
+    """The paper's versions (every prompt gets the full delta) and our key-aware ones (each prompt gets the
+    update's share at its own key) agree."""
     model = deeper("llama")
-    shared = dict(FAST, mom2_source=corpus, clamp_norm=1e3)
-    # the paper's ROME: its v* optimisation gives every prompt the full delta, as MEMIT's does
-    rome = create_editor("rome", model, tokenizer, layer=1, key_aware=False, **shared).edit(REQUESTS[0])
+    shared = dict(FAST, mom2_source=corpus, clamp_norm=1e3, key_aware=key_aware)
+    rome = create_editor("rome", model, tokenizer, layer=1, **shared).edit(REQUESTS[0])
     memit = create_editor("memit", model, tokenizer, layers=[1], mom2_update_weight=1e-6, **shared)
     patch = memit.edit(REQUESTS[0])
     name = "model.layers.1.mlp.down_proj.weight"

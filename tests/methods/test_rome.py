@@ -143,8 +143,8 @@ def test_passes_that_skip_the_blocks_below_the_edited_one_compute_the_same(arch,
         assert len(calls) == 1 and 1 in runner.below
         skipped = runner.logits(module, delta)[0], runner.logits(module, delta, only=only)[0]
         assert len(calls) == 1, "block 0 ran again"
-        # capture_key makes a pass run every block
-        full = [runner.logits(module, delta, capture_key=module, only=o)[0] for o in (None, only)]
+        # capture_keys makes a pass run every block
+        full = [runner.logits(module, delta, capture_keys=(module,), only=o)[0] for o in (None, only)]
     assert len(calls) == 3
     assert "forward" not in below.__dict__
     for a, b in zip(skipped, full):
@@ -161,7 +161,7 @@ def test_the_first_pass_already_gives_the_first_gradient(tokenizer):
     settings = ValueSettings(
         lr=0.01, steps=1, stop_nll=0.0, kl_factor=0.5, weight_decay=0.5, clamp_norm=100.0
     )
-    found = optimise_values(model, rows, 1, module, settings, key_module=module, update_direction=lambda k: k)
+    found = optimise_values(model, rows, 1, module, settings, (module,), update_direction=lambda _, k: k)
     assert found["row_scale"].std() > 0.01  # the rows' scales differ: the chain rule matters
 
     runner = CachedPrompts(model, rows)
@@ -178,6 +178,31 @@ def test_the_first_pass_already_gives_the_first_gradient(tokenizer):
     torch.testing.assert_close(
         found["delta"][clear], -settings.lr * gradient.sign()[clear], rtol=1e-3, atol=1e-6
     )
+
+
+def test_with_several_key_modules_each_row_gets_the_mean_of_their_shares(tokenizer):
+    """MEMIT's key-aware values: the delta is spread over several layers, so a row's scale is the mean of
+    the per-layer shares (u_l^T k_row,l) / (u_l^T k*_l), each as with that layer alone."""
+    model = tiny_model("llama")
+    arch = architecture(model)
+    keys = (arch.mlp_out(0), arch.mlp_out(1))
+    value_module = arch.residual(1)
+    rows = build_rows(tokenizer, [REQUEST], ["Hello there", "It is"])
+    settings = ValueSettings(lr=0.1, steps=0, stop_nll=0.0, kl_factor=0.0, weight_decay=0.0, clamp_norm=1e3)
+    weights = {name: torch.rand(model.config.intermediate_size) + 0.5 for name in keys}
+
+    def direction(name, k):  # a different positive-definite C^-1 per layer
+        return weights[name] * k
+
+    def scale(key_modules):
+        found = optimise_values(model, rows, 1, value_module, settings, key_modules, direction)
+        return found["row_scale"], found["key"]
+
+    both, mean_keys = scale(keys)
+    alone = [scale((name,))[0] for name in keys]
+    assert mean_keys.shape == (2, 1, model.config.intermediate_size)
+    assert (alone[0] - alone[1]).abs().max() > 1e-3  # the layers' shares differ
+    torch.testing.assert_close(both, (alone[0] + alone[1]) / 2)
 
 
 def test_batched_values_equal_one_request_at_a_time_and_finished_rows_stop_running(tokenizer, monkeypatch):
@@ -228,8 +253,8 @@ def test_key_aware_values_see_what_the_rank_one_update_adds_at_each_prompt(token
         1,
         module,
         editor.value_settings(),
-        key_module=module,
-        update_direction=lambda k: editor.c_inverse_times(0, k).float(),
+        key_modules=(module,),
+        update_direction=lambda _, k: editor.c_inverse_times(0, k).float(),
     )
     texts = request_texts(request, editor.prefixes)
     scale = found["row_scale"][: len(texts)]  # the rewriting rows come first, one per text

@@ -6,7 +6,9 @@ MEMIT edits many facts at once over several consecutive MLP output projections (
 1. For each fact i, z_i = h_i + delta_i: the residual stream after the *last* edited block at the subject's
    last token, with delta_i optimised exactly as ROME's value (``rome.optimise_values``: prefixed prompts,
    essence KL, weight decay, norm clamp relative to |h_i|). Facts are optimised ``requests_per_step`` at a
-   time in one batch, each with its own delta.
+   time in one batch, each with its own delta. Our deviation (``key_aware``, as ROME's): each prompt gets
+   delta_i x the mean over the edited layers of (k_l^T C_l^-1 k*_l) / (k*_l^T C_l^-1 k*_l), the share of a
+   one-fact update of step 2 at that prompt's own keys k_l (k*_l: the mean key), not the full delta.
 2. For each edited layer l, lowest first: K = the keys (MLP inputs at the subject's last token, mean over the
    prefixed prompts) with the updates of the lower layers already in place; R = (z - h_now) / (number of
    layers left): the residual still missing, spread over the remaining layers; and the covariance-weighted
@@ -63,6 +65,7 @@ class MEMITConfig:
     clamp_norm: float = 0.75  # |delta| <= clamp_norm x |h| (h: the residual stream at the last layer)
     requests_per_step: int = 16  # facts whose values are optimised together in one batch
     rounds: int = 1  # passes over the layers (not in the paper): a second pass spreads what the first missed
+    key_aware: bool = False  # optimise z seeing each prompt's share of the update at its own keys (as ROME's)
     seed: int = 0  # prefix sampling
 
 
@@ -73,6 +76,7 @@ class AlphaEditConfig(MEMITConfig):
     nullspace_threshold: float = 3e-2  # eigenvalues of C below this x the largest span the null space
     l2: float = 10.0  # ridge on the update (AlphaEdit's L2)
     remember_edits: bool = True  # keep the keys of applied edits for later edits (sequential editing)
+    key_aware: bool = False  # measured without it (its share at a key follows the projection, not C^-1)
     mom2_update_weight: float | None = field(default=None)  # unused by AlphaEdit
 
 
@@ -100,13 +104,22 @@ class MEMIT(LocateThenEdit):
         """(h, delta) per request at the residual stream after block ``top`` (step 1)."""
         module = self.arch.residual(top)
         inits, deltas = [], []
+        key_aware = {}
+        # key-aware: for one fact, R K^T (lambda C + K K^T)^-1 k is proportional to k*^T C^-1 k
+        if self.config.key_aware:
+            layer_of = {self.arch.mlp_out(layer): layer for layer in self.layers}
+            self.moments.get(self.layers)  # one pass over the text for every layer still missing
+            key_aware = dict(
+                key_modules=tuple(layer_of),
+                update_direction=lambda name, k: self.moments.inverse_times(layer_of[name], k),
+            )
         size = max(1, self.config.requests_per_step)
         starts = range(0, len(requests), size)
         # a batch of hundreds of facts takes minutes per chunk on a CPU: show it (one chunk: no bar)
         for i in tqdm(starts, desc=f"{self.name}: target values", unit="chunk", disable=len(starts) < 2):
             chunk = requests[i : i + size]
             rows = build_rows(self.tokenizer, chunk, self.prefixes)
-            found = optimise_values(self.model, rows, len(chunk), module, self.value_settings())
+            found = optimise_values(self.model, rows, len(chunk), module, self.value_settings(), **key_aware)
             inits.append(found["init"])
             deltas.append(found["delta"])
         return torch.cat(inits), torch.cat(deltas)

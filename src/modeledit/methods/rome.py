@@ -215,13 +215,13 @@ class CachedPrompts:
         self,
         module: str,
         delta: torch.Tensor | None,
-        capture_key: str | None = None,
+        capture_keys: tuple[str, ...] = (),
         only: torch.Tensor | None = None,
         row_scale: torch.Tensor | None = None,
         per_row: bool = False,
     ):
         """Logits (pairs x vocabulary) at the pairs ``(self.pair_row, self.pair_pos)`` that carry a target
-        token or the KL term; with ``capture_key``, also that module's input at suffix position 0; and
+        token or the KL term; with ``capture_keys``, also those modules' inputs at suffix position 0; and
         ``module``'s output there (before the delta). ``only`` (row indices, ascending) runs just those rows:
         then the logits are those of their pairs, in the same order. ``row_scale`` (one per row) multiplies
         the delta added to each row. ``per_row``: ``delta`` holds one delta per row, not one per request."""
@@ -258,15 +258,15 @@ class CachedPrompts:
         def gather(head, args):  # (rows, kept positions, hidden) -> (1, pairs, hidden) before the LM head
             return (args[0][pair_row, pair_pos - first].unsqueeze(0), *args[1:])
 
-        names = [module] + ([capture_key] if capture_key and capture_key != module else [])
+        names = list(dict.fromkeys([module, *capture_keys]))
         handle = self.model.get_output_embeddings().register_forward_pre_hook(gather)
         try:
             with (
-                self._blocks_below(module, only, reuse=capture_key is None),
+                self._blocks_below(module, only, reuse=not capture_keys),
                 Trace(
                     self.model,
                     names,
-                    capture_input=capture_key is not None,
+                    capture_input=bool(capture_keys),
                     capture_output=False,
                     edit_output=add,
                 ) as tr,
@@ -281,8 +281,8 @@ class CachedPrompts:
                 ).logits[0]
         finally:
             handle.remove()
-        key = tr[capture_key].input[:, 0].detach() if capture_key else None
-        return logits, key, seen.get("value")
+        keys = {name: tr[name].input[:, 0].detach() for name in capture_keys}
+        return logits, keys, seen.get("value")
 
     @contextmanager
     def _blocks_below(self, module: str, only: torch.Tensor | None, reuse: bool):
@@ -345,19 +345,22 @@ def optimise_values(
     n_requests: int,
     module: str,
     s: ValueSettings,
-    key_module: str | None = None,
-    update_direction: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    key_modules: tuple[str, ...] = (),
+    update_direction: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Deltas (requests x hidden) added to ``module``'s output at each subject's last token that make the
     targets likely (see the module docstring). Returns ``delta``, ``init`` (the module's unedited output
     there, averaged over each request's rewriting rows), ``nll`` (final per-request target NLL) and, with
-    ``key_module``, ``key``: that module's input there, averaged the same way (and ``row_scale``, below).
+    ``key_modules``, ``key`` (modules x requests x in): their inputs there, averaged the same way (and
+    ``row_scale``, below).
 
-    ``update_direction`` (ROME: k -> C^-1 k, with ``key_module`` = ``module``): each row gets the delta scaled
-    by (u^T k_row) / (u^T k*), u = update_direction(k*): what the rank-one update adds at that row's key, so
-    the optimisation sees the edited weights. Without it every row gets the full delta (the paper), which
-    overrates the edit on prompts whose key is far from the mean k*: a subject at position 0 of the bare
-    prompt has a key that the update reaches with 5-50% of the delta on the prompts ROME failed on."""
+    ``update_direction`` (ROME: (module, k) -> C^-1 k, with ``key_modules`` = (``module``,)): each row gets
+    the delta scaled by (u^T k_row) / (u^T k*), u = update_direction(module, k*): what the rank-one update
+    adds at that row's key, so the optimisation sees the edited weights (with several key modules, e.g.
+    MEMIT's layers that share the delta, the mean of their scales). Without it every row gets the full delta
+    (the paper), which overrates the edit on prompts whose key is far from the mean k*: a subject at position
+    0 of the bare prompt has a key that the update reaches with 5-50% of the delta on the prompts ROME failed
+    on."""
     runner = CachedPrompts(model, rows)
     device = runner.device
     owner = rows.owner.to(device)
@@ -388,18 +391,22 @@ def optimise_values(
         run_rows = None if bool(live.all()) or not runner.can_select else live[owner].nonzero().flatten()
         if step == 0:  # delta = 0, but one leaf per row: the first gradient comes from this pass too
             row_delta = torch.zeros(len(owner), hidden, device=device, requires_grad=True)
-            logits, key, value = runner.logits(module, row_delta, capture_key=key_module, per_row=True)
+            logits, keys, value = runner.logits(module, row_delta, capture_keys=key_modules, per_row=True)
         else:
-            logits, key, value = runner.logits(module, delta, only=run_rows, row_scale=row_scale)
+            logits, _, value = runner.logits(module, delta, only=run_rows, row_scale=row_scale)
         run_pairs = torch.ones_like(pair_row, dtype=torch.bool) if run_rows is None else live[owner[pair_row]]
         if step == 0:
             out["init"] = per_request @ value.float()
-            if key is not None:
-                out["key"] = per_request @ key.float()
+            if key_modules:
+                out["key"] = torch.stack([per_request @ keys[name].float() for name in key_modules])
             init_norm = out["init"].norm(dim=-1).clamp(min=1e-6)
-            if update_direction is not None and key is not None:
-                u = torch.stack([update_direction(k) for k in out["key"]]).to(key.dtype)  # (requests, hidden)
-                row_scale = ((key * u[owner]).sum(-1) / (out["key"] * u).sum(-1)[owner]).float()
+            if update_direction is not None and key_modules:
+                scales = []
+                for name, mean_key in zip(key_modules, out["key"]):
+                    u = torch.stack([update_direction(name, k) for k in mean_key]).float()  # (requests, in)
+                    row_key = keys[name].float()
+                    scales.append((row_key * u[owner]).sum(-1) / (mean_key * u).sum(-1)[owner])
+                row_scale = torch.stack(scales).mean(0)
                 out["row_scale"] = row_scale
             delta = torch.zeros(n_requests, hidden, device=device, requires_grad=True)
             opt = torch.optim.Adam([delta], lr=s.lr)
@@ -452,6 +459,15 @@ class SecondMoments:
     def __init__(self, model, tokenizer, source: str | None, tokens: int):
         self.model, self.tokenizer, self.source, self.tokens = model, tokenizer, source, tokens
         self.mom2: dict[int, torch.Tensor] = {}
+        self._cholesky: dict[int, torch.Tensor] = {}
+
+    def inverse_times(self, layer: int, k: torch.Tensor) -> torch.Tensor:
+        """C^-1 k (float64), with C's Cholesky factor computed once per layer."""
+        if layer not in self._cholesky:
+            c = self.get([layer])[layer]
+            ridge = 1e-6 * c.diagonal().mean()  # numerical safety only
+            self._cholesky[layer] = torch.linalg.cholesky(c + ridge * torch.eye(len(c), dtype=c.dtype))
+        return torch.cholesky_solve(k.double()[:, None], self._cholesky[layer])[:, 0]
 
     def get(self, layers: list[int]) -> dict[int, torch.Tensor]:
         missing = [layer for layer in layers if layer not in self.mom2]
@@ -529,10 +545,6 @@ class ROME(LocateThenEdit):
     name = "rome"
     Config = ROMEConfig
 
-    def __init__(self, model, tokenizer, config):
-        super().__init__(model, tokenizer, config)
-        self._inverse: dict[int, torch.Tensor] = {}
-
     @property
     def layer(self) -> int:
         if self.config.layer is None:
@@ -540,14 +552,8 @@ class ROME(LocateThenEdit):
         return self.config.layer
 
     def c_inverse_times(self, layer: int, k: torch.Tensor) -> torch.Tensor:
-        """C^-1 k (float64), with C's Cholesky factor computed once per layer."""
-        if not self.config.mom2:
-            return k.double()
-        if layer not in self._inverse:
-            c = self.moments.get([layer])[layer]
-            ridge = 1e-6 * c.diagonal().mean()  # numerical safety only
-            self._inverse[layer] = torch.linalg.cholesky(c + ridge * torch.eye(len(c), dtype=c.dtype))
-        return torch.cholesky_solve(k.double()[:, None], self._inverse[layer])[:, 0]
+        """C^-1 k (float64); k itself without ``mom2``."""
+        return self.moments.inverse_times(layer, k) if self.config.mom2 else k.double()
 
     def compute_deltas(self, requests: list[EditRequest]) -> dict[str, Delta]:
         if len(requests) != 1:
@@ -557,11 +563,10 @@ class ROME(LocateThenEdit):
         layer = self.layer
         module = self.arch.mlp_out(layer)
         rows = build_rows(self.tokenizer, requests, self.prefixes)
-        direction = (lambda k: self.c_inverse_times(layer, k).float()) if self.config.key_aware else None
-        found = optimise_values(
-            self.model, rows, 1, module, self.value_settings(), key_module=module, update_direction=direction
-        )
-        k = found["key"][0]
+        direction = (lambda _, k: self.c_inverse_times(layer, k).float()) if self.config.key_aware else None
+        settings = self.value_settings()
+        found = optimise_values(self.model, rows, 1, module, settings, (module,), update_direction=direction)
+        k = found["key"][0, 0]
         u = self.c_inverse_times(layer, k)
         right = (u / (u @ k.double())).float()  # W' k* = W k* + delta exactly
         name, delta = linear_delta(self.model, module, found["delta"][0][:, None], right[None, :])
