@@ -6,9 +6,10 @@ MEMIT edits many facts at once over several consecutive MLP output projections (
 1. For each fact i, z_i = h_i + delta_i: the residual stream after the *last* edited block at the subject's
    last token, with delta_i optimised exactly as ROME's value (``rome.optimise_values``: prefixed prompts,
    essence KL, weight decay, norm clamp relative to |h_i|). Facts are optimised ``requests_per_step`` at a
-   time in one batch, each with its own delta. Our deviation (``key_aware``, as ROME's): each prompt gets
-   delta_i x the mean over the edited layers of (k_l^T C_l^-1 k*_l) / (k*_l^T C_l^-1 k*_l), the share of a
-   one-fact update of step 2 at that prompt's own keys k_l (k*_l: the mean key), not the full delta.
+   time in one batch, each with its own delta. Optional (``key_aware``, off: no gain at 500 facts): each
+   prompt gets delta_i x the mean over the edited layers of (k_l^T C_l^-1 k*_l) / (k*_l^T C_l^-1 k*_l), the
+   share of a one-fact update of step 2 at that prompt's own keys k_l (k*_l: the mean key), not the full
+   delta.
 2. For each edited layer l, lowest first: K = the keys (MLP inputs at the subject's last token, mean over the
    prefixed prompts) with the updates of the lower layers already in place; R = (z - h_now) / (number of
    layers left): the residual still missing, spread over the remaining layers; and the covariance-weighted
@@ -65,7 +66,7 @@ class MEMITConfig:
     clamp_norm: float = 0.75  # |delta| <= clamp_norm x |h| (h: the residual stream at the last layer)
     requests_per_step: int = 16  # facts whose values are optimised together in one batch
     rounds: int = 1  # passes over the layers (not in the paper): a second pass spreads what the first missed
-    key_aware: bool = False  # optimise z seeing each prompt's share of the update at its own keys (as ROME's)
+    key_aware: bool = False  # z seeing each prompt's share at its own keys (as ROME's); batch 500: no gain
     seed: int = 0  # prefix sampling
 
 
