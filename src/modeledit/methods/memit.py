@@ -77,7 +77,6 @@ class AlphaEditConfig(MEMITConfig):
     nullspace_threshold: float = 3e-2  # eigenvalues of C below this x the largest span the null space
     l2: float = 10.0  # ridge on the update (AlphaEdit's L2)
     remember_edits: bool = True  # keep the keys of applied edits for later edits (sequential editing)
-    key_aware: bool = False  # measured without it (its share at a key follows the projection, not C^-1)
     mom2_update_weight: float | None = field(default=None)  # unused by AlphaEdit
 
 
@@ -109,7 +108,6 @@ class MEMIT(LocateThenEdit):
         # key-aware: for one fact, R K^T (lambda C + K K^T)^-1 k is proportional to k*^T C^-1 k
         if self.config.key_aware:
             layer_of = {self.arch.mlp_out(layer): layer for layer in self.layers}
-            self.moments.get(self.layers)  # one pass over the text for every layer still missing
             key_aware = dict(
                 key_modules=tuple(layer_of),
                 update_direction=lambda name, k: self.moments.inverse_times(layer_of[name], k),
@@ -138,9 +136,9 @@ class MEMIT(LocateThenEdit):
         layers = self.layers
         top = layers[-1]
         value_module = self.arch.residual(top)
+        self.moments.get(layers)  # one pass over the text for each missing layer (key-aware values use it)
         h, delta = self.target_residuals(requests, top)
         z = h + delta
-        self.moments.get(layers)  # one pass over the text for every layer still missing
         params: dict[str, torch.Tensor] = {}
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (left, right), all rounds
         self._keys = {}
