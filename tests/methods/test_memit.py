@@ -131,3 +131,30 @@ def test_a_second_round_closes_more_of_the_residual(tokenizer, corpus):
         patch.revert(model)
         misses.append(float((fixed[0] + fixed[1] - now).norm() / fixed[1].norm()))
     assert misses[1] < 0.8 * misses[0], misses
+
+
+@pytest.mark.parametrize("bare_keys", [False, True])
+def test_bare_keys_give_the_bare_prompt_its_own_target(bare_keys, tokenizer, corpus):
+    """With ``bare_keys`` the least squares maps the bare prompt's key as well as the mean key, each to its
+    own target (h + delta), so a prompt whose subject comes first gets the full delta; the paper's single
+    mean key gives it only a share."""
+    from modeledit.methods.rome import keys_and_values
+
+    model = deeper("llama")
+    editor = create_editor("memit", model, tokenizer, layers=[1], mom2_source=corpus, mom2_update_weight=1e-6,
+                           bare_keys=bare_keys, **FAST)  # fmt: skip
+    request = REQUESTS[1]  # "{} was born in": the subject comes first in the bare prompt
+    key, value = editor.arch.mlp_out(1), editor.arch.residual(1)
+
+    def values() -> tuple[torch.Tensor, torch.Tensor]:
+        mean = keys_and_values(model, tokenizer, [request], editor.prefixes, [key], value)[1]
+        return mean, keys_and_values(model, tokenizer, [request], [], [key], value)[1]
+
+    h, h_bare = values()
+    delta = torch.randn_like(h) * h.norm() / h.numel() ** 0.5
+    editor.target_residuals = lambda requests, top: (h, delta)  # a known target: the solve alone is tested
+    editor.edit([request]).apply(model)
+    mean, bare = values()
+    torch.testing.assert_close(mean, h + delta, rtol=1e-3, atol=1e-3 * float(delta.norm()))
+    miss = float((bare - h_bare - delta).norm() / delta.norm())
+    assert miss < 1e-3 if bare_keys else miss > 0.05, miss

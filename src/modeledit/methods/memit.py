@@ -18,7 +18,9 @@ MEMIT edits many facts at once over several consecutive MLP output projections (
        Delta_l = R K^T (lambda C_l + K K^T)^-1,
 
    which maps the new keys towards their residuals while keys of ordinary text (second moment C_l, from
-   ``modeledit.stats``) move as little as possible; lambda = ``mom2_update_weight``.
+   ``modeledit.stats``) move as little as possible; lambda = ``mom2_update_weight``. Optional (``bare_keys``,
+   not in the paper): K also holds each fact's key in its bare prompt (no prefix), with target h_bare + delta,
+   since a prompt that starts with the subject has a key far from the mean of the prefixed ones.
 
 AlphaEdit replaces the C-weighted solve by a projection: with P_l the projector onto the span of the
 eigenvectors of C_l whose eigenvalues are below ``nullspace_threshold`` x the largest (the directions ordinary
@@ -43,7 +45,7 @@ from tqdm.auto import tqdm
 from ..editor import register
 from ..patch import Delta, applied_patches, linear_delta
 from ..requests import EditRequest
-from .rome import LocateThenEdit, ValueSettings, build_rows, keys_and_values, optimise_values
+from .rome import LocateThenEdit, ValueSettings, build_rows, keys_and_values, optimise_values, subject_last
 
 
 @dataclass
@@ -67,6 +69,7 @@ class MEMITConfig:
     requests_per_step: int = 16  # facts whose values are optimised together in one batch
     rounds: int = 1  # passes over the layers (not in the paper): a second pass spreads what the first missed
     key_aware: bool = False  # z seeing each prompt's share at its own keys (as ROME's); batch 500: no gain
+    bare_keys: bool = False  # each fact also gives K a column with its bare prompt's key (not in the paper)
     seed: int = 0  # prefix sampling
 
 
@@ -132,6 +135,11 @@ class MEMIT(LocateThenEdit):
         x = torch.linalg.solve(a, k)  # (in, n)
         return resid.double().T, x.T
 
+    def _keys_and_values(self, requests, prefixes, key_modules, value_module, params):
+        return keys_and_values(
+            self.model, self.tokenizer, requests, prefixes, key_modules, value_module, params
+        )
+
     def compute_deltas(self, requests: list[EditRequest]) -> dict[str, Delta]:
         layers = self.layers
         top = layers[-1]
@@ -139,18 +147,28 @@ class MEMIT(LocateThenEdit):
         self.moments.get(layers)  # one pass over the text for each missing layer (key-aware values use it)
         h, delta = self.target_residuals(requests, top)
         z = h + delta
+        # bare_keys: the key of the prompt without a prefix (subject's last token past position 0) is a column
+        # of its own, with target h_bare + delta; the mean key alone serves subject-first prompts poorly
+        with_bare = self.config.bare_keys and self.prefixes  # without prefixes the mean key is the bare one
+        tok = self.tokenizer
+        bare = [n for n, r in enumerate(requests) if with_bare and subject_last(tok, r.text, r.subject)]
+        bare_requests = [requests[n] for n in bare]
+        if bare:
+            z_bare = self._keys_and_values(bare_requests, [], [], value_module, {})[1] + delta[bare]
         params: dict[str, torch.Tensor] = {}
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (left, right), all rounds
         self._keys = {}
         for _ in range(max(1, self.config.rounds)):
             for i, layer in enumerate(layers):
                 module = self.arch.mlp_out(layer)
-                keys, now = keys_and_values(
-                    self.model, self.tokenizer, requests, self.prefixes, [module], value_module, params
-                )
-                resid = (z - now) / (len(layers) - i)
-                self._keys[layer] = keys[module].cpu()
-                left, right = self.solve(layer, keys[module], resid)
+                keys, now = self._keys_and_values(requests, self.prefixes, [module], value_module, params)
+                keys, resid = keys[module], z - now
+                if bare:
+                    more_keys, now = self._keys_and_values(bare_requests, [], [module], value_module, params)
+                    keys, resid = torch.cat([keys, more_keys[module]]), torch.cat([resid, z_bare - now])
+                resid = resid / (len(layers) - i)
+                self._keys[layer] = keys.cpu()
+                left, right = self.solve(layer, keys, resid)
                 name = f"{module}.weight"
                 if name in factors:  # a later round: the update so far plus this round's
                     left = torch.cat([factors[name][0], left], 1)
