@@ -63,7 +63,8 @@ def test_memit_with_one_edit_and_one_layer_is_rome(key_aware, tokenizer, corpus)
     model = deeper("llama")
     shared = dict(FAST, mom2_source=corpus, clamp_norm=1e3, key_aware=key_aware)
     rome = create_editor("rome", model, tokenizer, layer=1, **shared).edit(REQUESTS[0])
-    memit = create_editor("memit", model, tokenizer, layers=[1], mom2_update_weight=1e-6, **shared)
+    memit = create_editor("memit", model, tokenizer, layers=[1], mom2_update_weight=1e-6, bare_keys=False,
+                          **shared)  # fmt: skip
     patch = memit.edit(REQUESTS[0])
     name = "model.layers.1.mlp.down_proj.weight"
     assert list(patch.deltas) == [name]
@@ -80,7 +81,8 @@ def test_memit_batch_moves_the_facts(arch, tokenizer, corpus):
     patch = editor.edit(REQUESTS)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert len(patch.deltas) == 2
-    assert all(isinstance(d, LowRank) and d.a.shape[1] == 3 for d in patch.deltas.values())
+    # rank 2 per fact: its mean key and its bare prompt's key (bare_keys)
+    assert all(isinstance(d, LowRank) and d.a.shape[1] == 6 for d in patch.deltas.values())
     patch.apply(model)
     assert float(nlls(model, tokenizer).mean()) < float(start.mean()) - 0.1, (start, nlls(model, tokenizer))
 

@@ -18,9 +18,10 @@ MEMIT edits many facts at once over several consecutive MLP output projections (
        Delta_l = R K^T (lambda C_l + K K^T)^-1,
 
    which maps the new keys towards their residuals while keys of ordinary text (second moment C_l, from
-   ``modeledit.stats``) move as little as possible; lambda = ``mom2_update_weight``. Optional (``bare_keys``,
-   not in the paper): K also holds each fact's key in its bare prompt (no prefix), with target h_bare + delta,
-   since a prompt that starts with the subject has a key far from the mean of the prefixed ones.
+   ``modeledit.stats``) move as little as possible; lambda = ``mom2_update_weight``. With ``bare_keys`` (not
+   in the paper, MEMIT's default): K also holds each fact's key in its bare prompt (no prefix), with target
+   h_bare + delta, since a prompt that starts with the subject has a key far from the mean of the prefixed
+   ones (500 facts in one batch: ES 92.4 -> 98.8, PS 84.6 -> 87.4, NS 63.4 -> 62.0).
 
 AlphaEdit replaces the C-weighted solve by a projection: with P_l the projector onto the span of the
 eigenvectors of C_l whose eigenvalues are below ``nullspace_threshold`` x the largest (the directions ordinary
@@ -69,7 +70,7 @@ class MEMITConfig:
     requests_per_step: int = 16  # facts whose values are optimised together in one batch
     rounds: int = 1  # passes over the layers (not in the paper): a second pass spreads what the first missed
     key_aware: bool = False  # z seeing each prompt's share at its own keys (as ROME's); batch 500: no gain
-    bare_keys: bool = False  # each fact also gives K a column with its bare prompt's key (not in the paper)
+    bare_keys: bool = True  # each fact's bare-prompt key is a column of K too; batch 500: ES 92.4 -> 98.8
     seed: int = 0  # prefix sampling
 
 
@@ -81,6 +82,7 @@ class AlphaEditConfig(MEMITConfig):
     l2: float = 10.0  # ridge on the update (AlphaEdit's L2)
     remember_edits: bool = True  # keep the keys of applied edits for later edits (sequential editing)
     mom2_update_weight: float | None = field(default=None)  # unused by AlphaEdit
+    bare_keys: bool = False  # not measured with AlphaEdit's projection yet
 
 
 @register
