@@ -151,12 +151,10 @@ class MEMIT(LocateThenEdit):
         z = h + delta
         # bare_keys: the key of the prompt without a prefix (subject's last token past position 0) is a column
         # of its own, with target h_bare + delta; the mean key alone serves subject-first prompts poorly
-        with_bare = self.config.bare_keys and self.prefixes  # without prefixes the mean key is the bare one
-        tok = self.tokenizer
-        bare = [n for n, r in enumerate(requests) if with_bare and subject_last(tok, r.text, r.subject)]
-        bare_requests = [requests[n] for n in bare]
-        if bare:
-            z_bare = self._keys_and_values(bare_requests, [], [], value_module, {})[1] + delta[bare]
+        bare: list[int] = []
+        if self.config.bare_keys and self.prefixes:  # without prefixes the mean key is the bare one
+            bare = [n for n, r in enumerate(requests) if subject_last(self.tokenizer, r.text, r.subject) > 0]
+        bare_requests, z_bare = [requests[n] for n in bare], None
         params: dict[str, torch.Tensor] = {}
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (left, right), all rounds
         self._keys = {}
@@ -167,6 +165,8 @@ class MEMIT(LocateThenEdit):
                 keys, resid = keys[module], z - now
                 if bare:
                     more_keys, now = self._keys_and_values(bare_requests, [], [module], value_module, params)
+                    if z_bare is None:  # the first pass runs the unedited model: ``now`` is h_bare
+                        z_bare = now + delta[bare]
                     keys, resid = torch.cat([keys, more_keys[module]]), torch.cat([resid, z_bare - now])
                 resid = resid / (len(layers) - i)
                 self._keys[layer] = keys.cpu()
