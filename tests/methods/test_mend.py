@@ -21,6 +21,7 @@ from modeledit.methods.mend import (
     EditorNotTrainedError,
     GradientTransform,
     MENDConfig,
+    combine,
     gradient_factors,
 )
 from modeledit.patch import LowRank
@@ -291,6 +292,41 @@ def test_folding_the_scale_into_the_alphas_keeps_the_edit_and_is_what_train_init
     folded = editor.compute_deltas([REQUEST])
     for name in scaled:
         torch.testing.assert_close(folded[name].dense(), scaled[name].dense())
+
+
+def test_combined_editors_sum_their_scaled_updates_and_round_trip(tokenizer, tmp_path):
+    model = tiny_model("llama")
+    layers = [f"model.layers.{i}.mlp.{m}_proj" for i in range(2) for m in ("gate", "up", "down")]
+    editors = []
+    for seed, modules, scale in ((0, layers[:3], 0.5), (1, layers[3:], 3.0)):
+        editor = MEND.for_training(model, tokenizer, MENDConfig(modules=modules, seed=seed, alpha_init=1e-2))
+        editor.training_loss(meta_batch(tokenizer, [REQUEST], TEXTS))  # non-trivial statistics
+        with torch.no_grad():
+            for p in editor.network.parameters():
+                p.add_(torch.randn_like(p) * 1e-2)  # U != 0: the networks are not the identity
+        editor.train(False)
+        editor.config.alpha_scale = scale
+        editors.append(editor)
+    both = combine(editors)
+    own_keys = [list(e.network.groups) for e in editors]  # each: one network per shape
+    assert both.config.alpha_scale is None
+    assert list(both.network.groups) == own_keys[0] + [f"{k}_1" for k in own_keys[1]]
+    expected = editors[0].compute_deltas([REQUEST]) | editors[1].compute_deltas([REQUEST])
+    combined = both.compute_deltas([REQUEST])
+    assert combined.keys() == expected.keys() == {f"{m}.weight" for m in layers}
+    for name in expected:
+        torch.testing.assert_close(combined[name].dense(), expected[name].dense())
+    both.save(tmp_path)
+    loaded = create_editor("mend", model, tokenizer, editor_path=str(tmp_path))
+    for name, delta in loaded.compute_deltas([REQUEST]).items():
+        assert torch.equal(delta.dense(), combined[name].dense())
+    retrain = MEND.for_training(model, tokenizer, loaded.config)  # what `train --init` builds, then loads
+    retrain.load(tmp_path)
+    retrain.train(False)
+    for name, delta in retrain.compute_deltas([REQUEST]).items():
+        assert torch.equal(delta.dense(), combined[name].dense())
+    with pytest.raises(ValueError, match="disjoint layers"):
+        combine([editors[0], editors[0]])
 
 
 def test_save_load_round_trip_gives_identical_patches(tokenizer, tmp_path):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,6 +57,9 @@ class MENDConfig:
     editor_path: str | None = None  # folder with mend.json + mend.safetensors; None: the shipped one
     modules: list[str] | None = None  # edited linear layers; None: MLP matrices of the last num_blocks
     num_blocks: int = 3
+    # which edited modules share one editor network: {key: [module, ...]}; None: one network per weight
+    # shape (the paper); set by ``combine``, which keeps each combined editor's networks apart
+    groups: dict[str, list[str]] | None = None
     rank: int = 64  # rank of the editor network's layers (the paper uses 1920)
     alpha_init: float = 1e-4  # initial per-layer step size alpha_l
     # edit time only: multiplies the learned alpha_l (> 1: stronger edits, ES and PS; < 1: more local, NS);
@@ -176,12 +179,20 @@ class GradientTransform(nn.Module):
 class MENDNetwork(nn.Module):
     """The editor networks (one per weight shape) and the step sizes alpha_l (one per edited matrix)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, int]], rank: int, alpha_init: float):
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, int]],
+        rank: int,
+        alpha_init: float,
+        groups: dict[str, list[str]] | None = None,
+    ):
         super().__init__()
         self.shapes = dict(shapes)  # module name -> (out, in)
-        groups: dict[str, list[str]] = {}
-        for name, (d_out, d_in) in self.shapes.items():
-            groups.setdefault(f"{d_out}x{d_in}", []).append(name)
+        if groups is None:  # the paper: one network per shape
+            groups = {}
+            for name, (d_out, d_in) in self.shapes.items():
+                groups.setdefault(f"{d_out}x{d_in}", []).append(name)
+        self.groups = {key: list(names) for key, names in groups.items()}  # network key -> its modules
         self.slot = {name: (key, i) for key, names in groups.items() for i, name in enumerate(names)}
         self.nets = nn.ModuleDict(
             {
@@ -234,7 +245,10 @@ class MEND(Editor):
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
             network = MENDNetwork(
-                {m: linear_shape(model.get_submodule(m)) for m in modules}, config.rank, config.alpha_init
+                {m: linear_shape(model.get_submodule(m)) for m in modules},
+                config.rank,
+                config.alpha_init,
+                config.groups,
             )
         return cls(model, tokenizer, config, network, task)
 
@@ -318,7 +332,7 @@ class MEND(Editor):
             self.config.alpha_scale = chosen_scale
         if self.network is None:
             shapes = {m: tuple(s) for m, s in meta["shapes"].items()}
-            self.network = MENDNetwork(shapes, self.config.rank, self.config.alpha_init)
+            self.network = MENDNetwork(shapes, self.config.rank, self.config.alpha_init, self.config.groups)
         state = self.network.state_dict()
         self.network.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items() if k in state})
 
@@ -334,3 +348,44 @@ class MEND(Editor):
             "`modeledit train mend --model MODEL --data TRAIN.json --out DIR`, then pass editor_path=DIR "
             "(on the command line: --set editor_path=DIR)"
         )
+
+
+def combine(editors: list[MEND]) -> MEND:
+    """One editor that makes the edits of several trained editors of the same model at once.
+
+    The editors must edit disjoint layers (say blocks 20-22 and 27-29). Each keeps its own networks; its
+    ``alpha_scale`` is folded into its step sizes, so the combined update is the sum of the editors' updates
+    as they were configured (the combined editor's own ``alpha_scale`` then scales them all). Unlike applying
+    them one after the other, the edit gradient is taken once, at the base weights, for all layers.
+    Save the result with ``.save(directory)``; it loads and trains (``train --init``) like any editor.
+    """
+    if len(editors) < 2:
+        raise ValueError("combine needs at least two MEND editors")
+    first = editors[0]
+    shapes: dict[str, tuple[int, int]] = {}
+    groups: dict[str, list[str]] = {}
+    sources: list[tuple[str, nn.Module]] = []  # (new network key, trained network) in order
+    alphas = []
+    for i, editor in enumerate(editors):
+        if editor.model is not first.model:
+            raise ValueError("combined MEND editors must all edit the same model object")
+        if editor.config.rank != first.config.rank:
+            ranks = (first.config.rank, editor.config.rank)
+            raise ValueError(f"combined MEND editors need one rank, got {ranks[0]} and {ranks[1]}")
+        overlap = shapes.keys() & editor.network.shapes.keys()
+        if overlap:
+            raise ValueError(f"combined MEND editors must edit disjoint layers; both edit {sorted(overlap)}")
+        shapes |= editor.network.shapes
+        for key, names in editor.network.groups.items():
+            new_key = key if key not in groups else f"{key}_{i}"
+            groups[new_key] = names
+            sources.append((new_key, editor.network.nets[key]))
+        scale = 1.0 if editor.config.alpha_scale is None else editor.config.alpha_scale
+        alphas.append(editor.network.alpha.detach() * scale)
+    network = MENDNetwork(shapes, first.config.rank, first.config.alpha_init, groups)
+    with torch.no_grad():
+        for key, source in sources:
+            network.nets[key].load_state_dict(source.state_dict())
+        network.alpha.copy_(torch.cat(alphas))
+    config = replace(first.config, editor_path=None, modules=list(shapes), groups=groups, alpha_scale=None)
+    return MEND(first.model, first.tokenizer, config, network, first.task)
