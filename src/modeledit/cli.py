@@ -399,6 +399,45 @@ def train(
     _run(body)
 
 
+@app.command("combine")
+def combine_(
+    editors: list[str] = typer.Argument(
+        ..., help="trained MEND editor folders, each DIR or DIR:SCALE (default scale: the one saved with it)"
+    ),
+    out: Path = typer.Option(..., help="folder for the combined editor"),
+    model_name: str = typer.Option("default", "--model"),
+) -> None:
+    """One MEND editor made of trained MEND editors of disjoint layers: their updates add up, each at its
+    scale, from one gradient pass. Evaluate it, or fine-tune it jointly with `train mend --init OUT`."""
+
+    def body():
+        from .editor import create_editor
+        from .methods.mend import combine
+
+        parts = []
+        for item in editors:
+            folder, _, scale = item.rpartition(":")
+            try:
+                parts.append((folder, float(scale)))
+            except ValueError:
+                parts.append((item, None))
+        missing = [folder for folder, _ in parts if not (Path(folder) / "mend.json").exists()]
+        if missing:
+            raise ValueError(f"no trained MEND editor (mend.json) in {', '.join(missing)}")
+        model, tokenizer = _load(model_name)
+        members = [
+            create_editor("mend", model, tokenizer, editor_path=folder, alpha_scale=scale)
+            for folder, scale in parts
+        ]
+        combine(members).save(out)
+        console.print(
+            f"wrote the combined editor ({sum(len(m.network.shapes) for m in members)} matrices, "
+            f"from {len(members)} editors) to {out}; its alpha_scale is 1 until it is calibrated"
+        )
+
+    _run(body)
+
+
 @app.command()
 def bench(
     out: Path = typer.Option(..., help="folder for results.json, results.md, quality.png, speed.png, logs"),

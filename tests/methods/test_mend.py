@@ -432,6 +432,32 @@ def test_cli_train_init_fine_tunes_a_trained_editor_with_new_settings(tmp_path):
     assert any("nb_margin" in h for h in history)
 
 
+def test_cli_combine_then_train_init_fine_tunes_the_combination(tmp_path):
+    model_dir, data = tmp_path / "model", tmp_path / "edits.json"
+    tiny_model("llama").save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    data.write_text(json.dumps([r.to_dict() for r in synthetic_edits(12)]))
+    common = ["train", "mend", "--model", str(model_dir), "--data", str(data)]
+    common += ["--val-size", "4", "--steps", "2", "--set", "rank=8"]
+    for block in (0, 1):
+        modules = json.dumps([f"model.layers.{block}.mlp.{m}_proj" for m in ("gate", "up", "down")])
+        out = ["--out", str(tmp_path / f"b{block}"), "--set", f"modules={modules}"]
+        result = CliRunner().invoke(app, common + out)
+        assert result.exit_code == 0, result.output
+    combine = ["combine", f"{tmp_path / 'b0'}:2.0", str(tmp_path / "b1"), "--model", str(model_dir)]
+    result = CliRunner().invoke(app, combine + ["--out", str(tmp_path / "both")])
+    assert result.exit_code == 0, result.output
+    alpha = {d: load_file(tmp_path / d / "mend.safetensors")["alpha"] for d in ("b0", "b1", "both")}
+    torch.testing.assert_close(alpha["both"], torch.cat([2.0 * alpha["b0"], alpha["b1"]]))
+    tuned = CliRunner().invoke(app, common + ["--out", str(tmp_path / "t"), "--init", str(tmp_path / "both")])
+    assert tuned.exit_code == 0, tuned.output
+    assert len(json.loads((tmp_path / "t" / "mend.json").read_text())["hparams"]["groups"]) == 4
+    same = CliRunner().invoke(app, combine[:2] + [str(tmp_path / "b0")] + combine[3:] + ["--out", "x"])
+    assert same.exit_code == 2 and "disjoint layers" in same.output
+    gone = CliRunner().invoke(app, ["combine", str(tmp_path / "nope"), str(tmp_path / "b1"), "--out", "x"])
+    assert gone.exit_code == 2 and "no trained MEND editor" in gone.output
+
+
 @pytest.mark.slow
 def test_shipped_editor_edits_the_default_model(default_model):
     model, tokenizer = default_model
