@@ -327,6 +327,11 @@ def test_combined_editors_sum_their_scaled_updates_and_round_trip(tokenizer, tmp
         assert torch.equal(delta.dense(), combined[name].dense())
     with pytest.raises(ValueError, match="disjoint layers"):
         combine([editors[0], editors[0]])
+    # a combination combines again; networks of one shape from three members keep three keys
+    gates = [MEND.for_training(model, tokenizer, MENDConfig(modules=[m])) for m in layers[0::3]]
+    ups = MEND.for_training(model, tokenizer, MENDConfig(modules=[layers[1]]))
+    nested = combine([combine([gates[0], ups]), gates[1]])
+    assert len(nested.network.groups) == 3 and nested.network.alpha.shape == (3,)
 
 
 def test_save_load_round_trip_gives_identical_patches(tokenizer, tmp_path):

@@ -177,7 +177,8 @@ class GradientTransform(nn.Module):
 
 
 class MENDNetwork(nn.Module):
-    """The editor networks (one per weight shape) and the step sizes alpha_l (one per edited matrix)."""
+    """The editor networks (one per weight shape, or per group of modules: ``groups``) and the step sizes
+    alpha_l (one per edited matrix)."""
 
     def __init__(
         self,
@@ -366,7 +367,7 @@ def combine(editors: list[MEND]) -> MEND:
     groups: dict[str, list[str]] = {}
     sources: list[tuple[str, nn.Module]] = []  # (new network key, trained network) in order
     alphas = []
-    for i, editor in enumerate(editors):
+    for editor in editors:
         if editor.model is not first.model:
             raise ValueError("combined MEND editors must all edit the same model object")
         if editor.config.rank != first.config.rank:
@@ -377,7 +378,9 @@ def combine(editors: list[MEND]) -> MEND:
             raise ValueError(f"combined MEND editors must edit disjoint layers; both edit {sorted(overlap)}")
         shapes |= editor.network.shapes
         for key, names in editor.network.groups.items():
-            new_key = key if key not in groups else f"{key}_{i}"
+            new_key, n = key, 1
+            while new_key in groups:  # two members with networks of one shape: keep both apart
+                new_key, n = f"{key}_{n}", n + 1
             groups[new_key] = names
             sources.append((new_key, editor.network.nets[key]))
         scale = 1.0 if editor.config.alpha_scale is None else editor.config.alpha_scale
