@@ -383,11 +383,17 @@ def test_training_raises_held_out_edit_success(tokenizer, tmp_path):
     assert (tmp_path / "mend.safetensors").exists() and (tmp_path / "curves.png").exists()
 
 
-def test_cli_train_writes_editor_curves_and_metrics(tmp_path):
+def saved_model_and_edits(tmp_path) -> tuple:
+    """A tiny Llama and its tokenizer saved as a model folder, and 12 synthetic edits as a JSON file."""
     model_dir, data = tmp_path / "model", tmp_path / "edits.json"
     tiny_model("llama").save_pretrained(model_dir)
     char_tokenizer().save_pretrained(model_dir)
     data.write_text(json.dumps([r.to_dict() for r in synthetic_edits(12)]))
+    return model_dir, data
+
+
+def test_cli_train_writes_editor_curves_and_metrics(tmp_path):
+    model_dir, data = saved_model_and_edits(tmp_path)
     out = tmp_path / "editor"
     args = [
         "train",
@@ -411,10 +417,7 @@ def test_cli_train_writes_editor_curves_and_metrics(tmp_path):
 
 
 def test_cli_train_init_fine_tunes_a_trained_editor_with_new_settings(tmp_path):
-    model_dir, data = tmp_path / "model", tmp_path / "edits.json"
-    tiny_model("llama").save_pretrained(model_dir)
-    char_tokenizer().save_pretrained(model_dir)
-    data.write_text(json.dumps([r.to_dict() for r in synthetic_edits(12)]))
+    model_dir, data = saved_model_and_edits(tmp_path)
     common = ["train", "mend", "--model", str(model_dir), "--data", str(data)]
     common += ["--val-size", "4", "--steps", "2"]
     first = CliRunner().invoke(
@@ -438,10 +441,7 @@ def test_cli_train_init_fine_tunes_a_trained_editor_with_new_settings(tmp_path):
 
 
 def test_cli_combine_then_train_init_fine_tunes_the_combination(tmp_path):
-    model_dir, data = tmp_path / "model", tmp_path / "edits.json"
-    tiny_model("llama").save_pretrained(model_dir)
-    char_tokenizer().save_pretrained(model_dir)
-    data.write_text(json.dumps([r.to_dict() for r in synthetic_edits(12)]))
+    model_dir, data = saved_model_and_edits(tmp_path)
     common = ["train", "mend", "--model", str(model_dir), "--data", str(data)]
     common += ["--val-size", "4", "--steps", "2", "--set", "rank=8"]
     for block in (0, 1):

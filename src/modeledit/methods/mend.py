@@ -254,11 +254,20 @@ class MEND(Editor):
         return cls(model, tokenizer, config, network, task)
 
     # -- editing ----------------------------------------------------------------------------------------
+    @property
+    def step_sizes(self) -> torch.Tensor:
+        """The step sizes an edit uses: the learned alpha_l times the edit-time ``alpha_scale``."""
+        return self.network.alpha.detach() * self._scale
+
+    @property
+    def _scale(self) -> float:
+        return 1.0 if self.config.alpha_scale is None else self.config.alpha_scale
+
     def compute_deltas(self, requests: list) -> dict[str, Delta]:
         factors = gradient_factors(self.model, self.task, requests, list(self.network.shapes))
         with torch.no_grad():
             updates = self.network(factors)
-        scale = 1.0 if self.config.alpha_scale is None else self.config.alpha_scale
+        scale = self._scale
         return dict(linear_delta(self.model, m, scale * left, right) for m, (left, right) in updates.items())
 
     # -- training (the trainer's learned-editor interface) ---------------------------------------------
@@ -266,9 +275,8 @@ class MEND(Editor):
         """Move the edit-time ``alpha_scale`` into the learned step sizes (alpha x scale, then no scale): the
         editor edits exactly as before. ``train --init`` does this, so that fine-tuning a calibrated
         editor trains the update at the size it is deployed with (the training loss uses no scale)."""
-        if self.config.alpha_scale is not None:
-            with torch.no_grad():
-                self.network.alpha.mul_(self.config.alpha_scale)
+        with torch.no_grad():
+            self.network.alpha.copy_(self.step_sizes)
         self.config.alpha_scale = None
 
     def train(self, mode: bool = True) -> MEND:
@@ -383,8 +391,7 @@ def combine(editors: list[MEND]) -> MEND:
                 new_key, n = f"{key}_{n}", n + 1
             groups[new_key] = names
             sources.append((new_key, editor.network.nets[key]))
-        scale = 1.0 if editor.config.alpha_scale is None else editor.config.alpha_scale
-        alphas.append(editor.network.alpha.detach() * scale)
+        alphas.append(editor.step_sizes)
     network = MENDNetwork(shapes, first.config.rank, first.config.alpha_init, groups)
     with torch.no_grad():
         for key, source in sources:
