@@ -97,6 +97,30 @@ def test_retention_writes_the_curve_of_each_method(tmp_path):
     assert (out / "retention.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_retention_merge_joins_runs_of_the_same_protocol(tmp_path):
+    run = {"model": "m", "data": "d.json", "offset": 0, "limit": 4, "points": 2, "date": "day 1",
+           "machine": "a",
+           "methods": {"grace": {"S": 50.0, "curve": [{"edits": 2, "S": 60.0, "ES": 90.0}]}}}  # fmt: skip
+    other = {**run, "date": "day 2", "methods": {"serac": {"S": 80.0, "curve": []}}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "retention.json").write_text(json.dumps(run))
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["retention", "--out", str(out), "--merge", str(tmp_path / "a"),
+                                      "--merge", str(tmp_path / "b.json")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    merged = json.loads((out / "retention.json").read_text())
+    assert list(merged["methods"]) == ["grace", "serac"] and merged["date"] == "day 1, day 2"
+    assert "| serac |" in (out / "retention.md").read_text() and (out / "retention.png").exists()
+    # another protocol (here: another number of edits) or the same method twice is refused, clearly
+    (tmp_path / "c.json").write_text(json.dumps({**other, "limit": 10}))
+    for bad in ("c.json", "a"):
+        result = CliRunner().invoke(app, ["retention", "--out", str(out), "--merge", str(tmp_path / "a"),
+                                          "--merge", str(tmp_path / bad)])  # fmt: skip
+        assert result.exit_code != 0 and ("limit" in result.output or "more than one" in result.output)
+        assert "Traceback" not in result.output
+
+
 def test_bench_resume_keeps_finished_runs(tmp_path):
     model_dir, data = tiny_setup(tmp_path)
     out = tmp_path / "bench"

@@ -376,10 +376,44 @@ def run_retention(
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "methods": rows,
     }  # fmt: skip
+    _write_retention(results, out_dir)
+    return results
+
+
+def merge_retention(sources: list[Path], out_dir: Path) -> dict:
+    """One retention table and plot from the retention.json of several runs of the same protocol (model,
+    data, records): long streams are run one method at a time, often in different sessions."""
+    files = [s / "retention.json" if s.is_dir() else s for s in sources]
+    parts = []
+    for f in files:
+        if not f.is_file():
+            raise ValueError(f"cannot read {f}: no such file (give retention.json files or their folders)")
+        parts.append(json.loads(f.read_text()))
+    first = parts[0]
+    merged: dict[str, dict] = {}
+    for f, part in zip(files, parts):
+        for key in ("model", "data", "offset", "limit"):
+            if part.get(key) != first.get(key):
+                raise ValueError(
+                    f"{f} was run with {key} = {part.get(key)!r}, {files[0]} with {first.get(key)!r}: "
+                    "only runs of the same protocol can share a table"
+                )
+        for method, row in part["methods"].items():
+            if method in merged:
+                raise ValueError(f"{method} is in more than one of the files; keep one of its runs")
+            merged[method] = row
+    results = {**first, "methods": merged}
+    for key in ("date", "machine", "points"):  # runs of different days or machines: list them all
+        results[key] = ", ".join(dict.fromkeys(str(p[key]) for p in parts))
+    _write_retention(results, out_dir)
+    return results
+
+
+def _write_retention(results: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "retention.json").write_text(json.dumps(results, indent=1))
     (out_dir / "retention.md").write_text(retention_markdown(results))
     plot_retention(results, out_dir / "retention.png")
-    return results
 
 
 RETENTION_COLUMNS = {

@@ -568,17 +568,23 @@ def retention(
     points: int = typer.Option(10, help="points of the retention curve"),
     readme: bool = typer.Option(False, help="also copy retention.png to docs/bench/"),
     resume: bool = typer.Option(False, help="keep the finished runs already in OUT (same command)"),
+    merge: list[Path] = typer.Option(
+        None, help="run nothing: join the retention.json of earlier runs (files or folders) into OUT"
+    ),
 ) -> None:
     """The lifelong protocol: T sequential edits per method, every edit scored after the last one, and the
     retention curve (S on all edits so far at every 10% of the stream) as one PNG."""
 
     def body():
-        from .bench import run_retention
+        from .bench import merge_retention, run_retention
 
-        if not data.exists():
-            raise ValueError(f"cannot read {data}: no such file")
-        names, folders = _methods(methods_), _editor_folders(editors)
-        run_retention(model_name, names, str(data), out, folders, points, offset, limit, resume)
+        if merge:
+            merge_retention(merge, out)
+        else:
+            if not data.exists():
+                raise ValueError(f"cannot read {data}: no such file")
+            names, folders = _methods(methods_), _editor_folders(editors)
+            run_retention(model_name, names, str(data), out, folders, points, offset, limit, resume)
         console.print((out / "retention.md").read_text(), highlight=False)
         if readme:
             _copy_plot(out / "retention.png")
