@@ -278,6 +278,28 @@ def test_alpha_scale_multiplies_the_update_and_survives_loading_an_editor(tokeni
     assert chosen.config.alpha_scale == 0.5, "the user's edit-time choice is not overwritten by the saved one"
 
 
+def test_alpha_scale_per_matrix_scales_each_update_folds_and_is_saved(tokenizer, tmp_path):
+    editor = fresh_editor(alpha_init=1e-2)
+    editor.training_loss(meta_batch(tokenizer, [REQUEST], TEXTS))  # non-trivial normalisation statistics
+    one = editor.compute_deltas([REQUEST])
+    first, *others = editor.network.shapes
+    editor.config.alpha_scale = {first: 3.0}  # the matrices not named keep scale 1
+    scaled = editor.compute_deltas([REQUEST])
+    for name in one:
+        factor = 3.0 if name == f"{first}.weight" else 1.0
+        torch.testing.assert_close(scaled[name].dense(), factor * one[name].dense())
+    editor.save(tmp_path)
+    loaded = MEND(editor.model, tokenizer, MENDConfig(editor_path=str(tmp_path)))
+    assert loaded.config.alpha_scale == {first: 3.0}
+    editor.fold_alpha_scale()  # train --init: per-matrix scales move into the step sizes as well
+    folded = editor.compute_deltas([REQUEST])
+    for name in one:
+        torch.testing.assert_close(folded[name].dense(), scaled[name].dense())
+    editor.config.alpha_scale = {"model.layers.99.mlp.up_proj": 2.0}
+    with pytest.raises(ValueError, match="does not edit"):
+        editor.compute_deltas([REQUEST])
+
+
 def test_folding_the_scale_into_the_alphas_keeps_the_edit_and_is_what_train_init_starts_from(
     tokenizer, tmp_path
 ):

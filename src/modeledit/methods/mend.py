@@ -63,8 +63,9 @@ class MENDConfig:
     rank: int = 64  # rank of the editor network's layers (the paper uses 1920)
     alpha_init: float = 1e-4  # initial per-layer step size alpha_l
     # edit time only: multiplies the learned alpha_l (> 1: stronger edits, ES and PS; < 1: more local, NS);
+    # one number for all edited matrices, or {module name: scale} per matrix (the others: 1.0);
     # None: the scale saved with the editor (calibrated on validation edits; 1.0 if none was saved)
-    alpha_scale: float | None = None
+    alpha_scale: float | dict[str, float] | None = None
     c_edit: float = 0.1  # weight of the edit NLL in the training loss
     c_loc: float = 1.0  # weight of the locality KL in the training loss
     # weight of the hard-negative term (not in the paper; 0 = the paper's loss): on neighbourhood prompts the
@@ -257,18 +258,28 @@ class MEND(Editor):
     @property
     def step_sizes(self) -> torch.Tensor:
         """The step sizes an edit uses: the learned alpha_l times the edit-time ``alpha_scale``."""
-        return self.network.alpha.detach() * self._scale
+        return self.network.alpha.detach() * torch.tensor(list(self.scales.values()))
 
     @property
-    def _scale(self) -> float:
-        return 1.0 if self.config.alpha_scale is None else self.config.alpha_scale
+    def scales(self) -> dict[str, float]:
+        """The edit-time ``alpha_scale`` of each edited matrix."""
+        scale, modules = self.config.alpha_scale, list(self.network.shapes)
+        if not isinstance(scale, dict):
+            return dict.fromkeys(modules, 1.0 if scale is None else float(scale))
+        unknown = sorted(set(scale) - set(modules))
+        if unknown:
+            raise ValueError(
+                f"alpha_scale names modules this editor does not edit: {unknown}; it edits {modules}"
+            )
+        return {m: float(scale.get(m, 1.0)) for m in modules}
 
     def compute_deltas(self, requests: list) -> dict[str, Delta]:
         factors = gradient_factors(self.model, self.task, requests, list(self.network.shapes))
         with torch.no_grad():
             updates = self.network(factors)
-        scale = self._scale
-        return dict(linear_delta(self.model, m, scale * left, right) for m, (left, right) in updates.items())
+        scale = self.scales
+        pairs = (linear_delta(self.model, m, scale[m] * left, right) for m, (left, right) in updates.items())
+        return dict(pairs)
 
     # -- training (the trainer's learned-editor interface) ---------------------------------------------
     def fold_alpha_scale(self) -> None:
