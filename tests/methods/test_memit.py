@@ -105,12 +105,22 @@ def test_alphaedit_update_lies_in_the_null_space_and_remembers_applied_edits(tok
     first.apply(model)
     assert float(nlls(model, tokenizer, REQUESTS[:1])[0]) < float(start[0]) - 0.1
     # Sequential editing: the applied edit's keys are preserved by the next one; reverted ones are forgotten.
-    assert editor.preserved_edit_keys(1) is not None
-    second = editor.edit(REQUESTS[1:2])
+    def preserved(*patches):  # P K_p K_p^T summed from scratch
+        k = torch.cat([editor._history[p.id][1] for p in patches]).double().T
+        return editor.projector(1) @ k @ k.T
+
+    torch.testing.assert_close(editor.preserved_edit_keys(1), preserved(first))
+    second = editor.edit(REQUESTS[1:2]).apply(model)
+    third = editor.edit(REQUESTS[2:3]).apply(model)
+    torch.testing.assert_close(editor.preserved_edit_keys(1), preserved(first, second, third))  # running sum
+    second.revert(model)
+    torch.testing.assert_close(editor.preserved_edit_keys(1), preserved(first, third))  # summed again
+    third.revert(model)
     first.revert(model)
     assert editor.preserved_edit_keys(1) is None
     second.apply(model)
-    assert editor.preserved_edit_keys(1) is not None and len(editor._history) == 2
+    torch.testing.assert_close(editor.preserved_edit_keys(1), preserved(second))
+    assert len(editor._history) == 3
 
 
 def test_a_second_round_closes_more_of_the_residual(tokenizer, corpus):

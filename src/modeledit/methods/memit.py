@@ -31,7 +31,8 @@ keys do not use),
 
 so Delta_l P = Delta_l: keys of ordinary text (P k ~ 0) are left alone. K_p are the keys of earlier edits
 made by the same editor that are still applied to the model (sequential editing: they are kept between
-``edit`` calls, and forgotten when their patch is reverted).
+``edit`` calls, and forgotten when their patch is reverted). P K_p K_p^T is kept as a running sum, so an edit
+costs the same after 1,000 edits as after one.
 
 Both return one low-rank delta per edited layer (rank = number of facts), or a dense one when that is smaller.
 """
@@ -197,6 +198,7 @@ class AlphaEdit(MEMIT):
         self._projectors: dict[int, torch.Tensor] = {}
         self._history: dict[str, dict[int, torch.Tensor]] = {}  # patch id -> layer -> keys (n, in)
         self._keys: dict[int, torch.Tensor] = {}
+        self._preserved: dict[int, tuple[list[str], torch.Tensor]] = {}  # layer -> (patch ids, P K_p K_p^T)
 
     def projector(self, layer: int) -> torch.Tensor:
         """P: projector onto the eigenvectors of C with eigenvalues < threshold x the largest (float64)."""
@@ -208,25 +210,33 @@ class AlphaEdit(MEMIT):
         return self._projectors[layer]
 
     def preserved_edit_keys(self, layer: int) -> torch.Tensor | None:
-        """K_p K_p^T of the earlier edits of this editor whose patches are still applied."""
+        """P K_p K_p^T of the earlier edits of this editor whose patches are still applied: a running sum
+        that each new edit adds its keys to (in the order of the edits), summed again after a revert."""
         if not self.config.remember_edits:
             return None
-        live = {p.id for p in applied_patches(self.model)}
-        keys = [h[layer] for pid, h in self._history.items() if pid in live and layer in h]
-        if not keys:
+        applied = {p.id for p in applied_patches(self.model)}
+        live = [pid for pid, h in self._history.items() if pid in applied and layer in h]
+        if not live:
             return None
-        k = torch.cat(keys).double().T
-        return k @ k.T
+        ids, total = self._preserved.get(layer, ([], None))
+        if ids != live[: len(ids)]:  # an edit was reverted since: sum again
+            ids, total = [], None
+        p = self.projector(layer)
+        for pid in live[len(ids) :]:
+            k = self._history[pid][layer].double().T  # (in, n)
+            total = (p @ k) @ k.T if total is None else total + (p @ k) @ k.T
+        self._preserved[layer] = (live, total)
+        return total
 
     def solve(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.projector(layer)
         k = keys.double().T  # (in, n)
-        m = k @ k.T
+        pk = p @ k
+        a = pk @ k.T + self.config.l2 * torch.eye(len(p), dtype=p.dtype)  # P K K^T + l2 I
         earlier = self.preserved_edit_keys(layer)
         if earlier is not None:
-            m = m + earlier
-        a = p @ m + self.config.l2 * torch.eye(len(p), dtype=p.dtype)
-        x = torch.linalg.solve(a, p @ k)  # (in, n): Delta^T = x R^T
+            a = a + earlier
+        x = torch.linalg.solve(a, pk)  # (in, n): Delta^T = x R^T
         return resid.double().T, x.T
 
     def edit(self, requests):
