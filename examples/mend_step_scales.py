@@ -3,8 +3,8 @@
 A trained editor's update for one matrix is -alpha_l x scale x sum_t delta~_t u~_t^T; ``alpha_scale`` may be
 one number or one per matrix (``{module: scale}``). This script scores candidate scale settings on
 calibration records (never the records you report) in one pass: each record's update is computed once and
-then scaled per candidate, applied, scored (CounterFact ES / PS / NS) and removed. A candidate maps
-substrings of module names to factors, multiplied where several match, on top of ``--base``:
+then scaled per candidate, applied as a patch, scored (CounterFact ES / PS / NS) and reverted. A candidate
+maps substrings of module names to factors, multiplied where several match, on top of ``--base``:
 
     {"base": {}, "late blocks down": {"layers.28.": 0.75, "layers.29.": 0.75}, "up x0.5": {"up_proj": 0.5}}
 
@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from modeledit.editor import create_editor
-from modeledit.metrics import record_metrics, score_request
+from modeledit.metrics import record_metrics, score_request, summarize
 from modeledit.models import load_model
 from modeledit.requests import load_requests
 
@@ -43,10 +44,6 @@ def candidate_scales(rule: dict[str, float], modules: list[str], base: float) ->
                 scale *= factor
         scales[module] = scale
     return scales
-
-
-def harmonic_mean(values: list[float]) -> float:
-    return len(values) / sum(1.0 / max(v, 1e-9) for v in values)
 
 
 def main() -> None:
@@ -68,34 +65,30 @@ def main() -> None:
     editor = create_editor("mend", model, tokenizer, editor_path=args.editor, alpha_scale=1.0)
     modules = list(editor.network.shapes)
     scales = {name: candidate_scales(rule, modules, args.base) for name, rule in candidates.items()}
-    params = dict(model.named_parameters())
-    totals = {name: {"ES": 0.0, "PS": 0.0, "NS": 0.0} for name in candidates}
-    unedited_ns = 0.0
+    unedited: list[dict] = []
+    edited: dict[str, list[dict]] = {name: [] for name in candidates}
     requests = load_requests(args.data, offset=args.offset, limit=args.limit)
     for request in tqdm(requests, desc="records"):
-        unedited_ns += record_metrics(score_request(model, tokenizer, request))["NS"]
-        updates = {name: delta.dense() for name, delta in editor.compute_deltas([request]).items()}
+        unedited.append(record_metrics(score_request(model, tokenizer, request)))
+        patch = editor.edit([request])  # the gradient pass, once per record
         for name, scale in scales.items():
-            saved = {p: params[p].detach().clone() for p in updates}
-            with torch.no_grad():
-                for p, update in updates.items():
-                    params[p].add_(scale[p.removesuffix(".weight")] * update)
-                metrics = record_metrics(score_request(model, tokenizer, request))
-                for p in updates:
-                    params[p].copy_(saved[p])
-            for key in totals[name]:
-                totals[name][key] += metrics[key]
-    n = len(requests)
+            deltas = {p: scale[p.removesuffix(".weight")] * patch.dense(p) for p in patch.deltas}
+            scaled = replace(patch, deltas=deltas).apply(model)
+            try:
+                edited[name].append(record_metrics(score_request(model, tokenizer, request)))
+            finally:
+                scaled.revert(model)
+    n, unedited_ns = len(requests), summarize(unedited)["NS"]
     rows = {}
     last = args.offset + n - 1
-    print(f"{n} records ({args.offset}-{last}); NS of the unedited model {unedited_ns / n:.2f}")
-    for name, total in totals.items():
-        row = {key: value / n for key, value in total.items()}
-        row["S"] = harmonic_mean(list(row.values()))
+    print(f"{n} records ({args.offset}-{last}); NS of the unedited model {unedited_ns:.2f}")
+    for name, records in edited.items():
+        summary = summarize(records)
+        row = {key: summary[key] for key in ("ES", "PS", "NS", "S")}
         rows[name] = row | {"alpha_scale": scales[name]}
         print(f"{name:40s} " + "  ".join(f"{key} {row[key]:6.2f}" for key in ("ES", "PS", "NS", "S")))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"records": [args.offset, args.offset + n], "NS_unedited": unedited_ns / n, "candidates": rows}
+    summary = {"records": [args.offset, args.offset + n], "NS_unedited": unedited_ns, "candidates": rows}
     args.out.write_text(json.dumps(summary, indent=1))
     print(f"wrote {args.out}")
 

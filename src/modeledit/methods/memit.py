@@ -224,7 +224,8 @@ class AlphaEdit(MEMIT):
         p = self.projector(layer)
         for pid in live[len(ids) :]:
             k = self._history[pid][layer].double().T  # (in, n)
-            total = (p @ k) @ k.T if total is None else total + (p @ k) @ k.T
+            term = (p @ k) @ k.T
+            total = term if total is None else total + term
         self._preserved[layer] = (live, total)
         return total
 

@@ -258,7 +258,8 @@ class MEND(Editor):
     @property
     def step_sizes(self) -> torch.Tensor:
         """The step sizes an edit uses: the learned alpha_l times the edit-time ``alpha_scale``."""
-        return self.network.alpha.detach() * torch.tensor(list(self.scales.values()))
+        alpha = self.network.alpha.detach()
+        return alpha * torch.tensor(list(self.scales.values()), dtype=alpha.dtype, device=alpha.device)
 
     @property
     def scales(self) -> dict[str, float]:
