@@ -7,9 +7,11 @@ import json
 from conftest import char_tokenizer, tiny_model
 from typer.testing import CliRunner
 
+import modeledit.evaluate
 from modeledit.bench import SUITES, _eval_command, retention_markdown
 from modeledit.cli import app
 from modeledit.editor import Editor
+from modeledit.evaluate import stream_folder
 
 RECORD = {"prompt": "The capital of {} is", "target_true": "Paris", "neighborhood_prompts": ["X is in"]}
 NAMES = [("Zorbia", "Quux"), ("Ylland", "Blip"), ("Wess", "Nor"), ("Vat", "Kel")]
@@ -170,6 +172,35 @@ def test_bench_resume_continues_an_interrupted_eval(tmp_path, monkeypatch):
     records = json.loads((out / "ft.json").read_text())["records"]
     assert records[0]["post"]["ES"] == 12.5 and records[1]["post"]["ES"] != 12.5
     assert not partial.exists()
+
+
+def test_an_interrupted_sequential_eval_resumes_and_cleans_up(tmp_path, monkeypatch):
+    """``eval --mode sequential --out`` keeps its stream beside OUT; ``--resume`` re-applies it, makes only
+    the edits not saved yet, and removes the partial files once OUT is written."""
+    monkeypatch.setattr(modeledit.evaluate, "SAVE_SECONDS", 0.0)
+    model_dir, data = tiny_setup(tmp_path, n=3)
+    out = tmp_path / "seq.json"
+    args = ["eval", "--model", str(model_dir), "--method", "ft-l", "--data", str(data),
+            "--mode", "sequential", "--retention-points", "3", "--out", str(out)]  # fmt: skip
+    original, calls = Editor.edit, []
+
+    def edit(self, requests):
+        calls.append(requests[0].subject)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, requests)
+
+    monkeypatch.setattr(Editor, "edit", edit)
+    CliRunner().invoke(app, args)
+    partial = tmp_path / "seq.json.partial.jsonl"
+    assert not out.exists() and partial.exists() and stream_folder(partial).is_dir()
+    calls.clear()
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert calls == [NAMES[2][0]]  # the first two edits came from the saved stream
+    saved = json.loads(out.read_text())
+    assert saved["summary"]["n"] == 3 and [p["edits"] for p in saved["retention"]] == [1, 2, 3]
+    assert not partial.exists() and not stream_folder(partial).exists()
 
 
 def test_retention_table_writes_a_collapsed_perplexity_in_scientific_notation():

@@ -1,14 +1,18 @@
-"""The evaluation path's checkpoint: an interrupted single/batch run continues where it stopped."""
+"""The evaluation path's checkpoint: an interrupted run (single, batch or sequential) continues where it
+stopped and ends as an uninterrupted one does."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import tiny_model
+import torch
+import transformers as tf
+from conftest import tiny_configs, tiny_model
 
+import modeledit.evaluate
 from modeledit import EditRequest, create_editor
-from modeledit.evaluate import evaluate
+from modeledit.evaluate import evaluate, stream_folder
 
 REQUESTS = [
     EditRequest(
@@ -76,8 +80,8 @@ def test_resume_ignores_a_half_written_line_and_refuses_another_runs_checkpoint(
     assert header["method"] == "ft"
     with pytest.raises(ValueError, match="different evaluation"):
         run(tokenizer, path, resume=True, steps=4)  # other settings: not the same run
-    with pytest.raises(ValueError, match="sequential"):
-        run(tokenizer, path, mode="sequential")
+    with pytest.raises(ValueError, match="different evaluation"):
+        run(tokenizer, path, resume=True, mode="sequential")  # another protocol: not the same run
 
 
 def test_without_resume_an_old_checkpoint_is_started_over(tokenizer, tmp_path):
@@ -86,3 +90,66 @@ def test_without_resume_an_old_checkpoint_is_started_over(tokenizer, tmp_path):
         run(tokenizer, path, fail_at=2)
     _, edited = run(tokenizer, path)
     assert len(edited) == 4
+
+
+CORPUS = "\n\n".join(
+    [
+        "The quick brown fox jumps over the lazy dog near the river bank.",
+        "Paris is the capital of France and its largest city by population.",
+        "Water boils at one hundred degrees Celsius at sea level, less on a mountain top.",
+    ]
+)
+SEQUENTIAL = {
+    # AlphaEdit keeps the keys of its applied edits (editor state) and derives prefixes and C from the
+    # unedited model; GRACE keeps everything in its memory patches.
+    "alphaedit": dict(n_prefixes=2, prefix_tokens=3, steps=5, lr=0.5, mom2_tokens=300, weight_decay=0.0),
+    "grace": dict(),
+}
+
+
+def run_sequential(method, tokenizer, corpus, path=None, resume=False, fail_at=None):
+    config = tiny_configs()["llama"]
+    config.update({"num_hidden_layers": 4})
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).float().eval()
+    settings = SEQUENTIAL[method] | ({"mom2_source": corpus} if method == "alphaedit" else {})
+    editor = create_editor(method, model, tokenizer, **settings)
+    edited, original = [], editor.edit
+
+    def edit(requests):
+        if len(edited) == fail_at:
+            raise Interrupted
+        edited.append(requests[0].subject)
+        return original(requests)
+
+    editor.edit = edit
+    result = evaluate(
+        model, tokenizer, editor, REQUESTS, mode="sequential", progress=False, retention_points=2,
+        checkpoint=path, resume=resume,
+    )  # fmt: skip
+    return result, edited
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "grace"])
+def test_an_interrupted_sequential_run_resumes_from_its_saved_stream(
+    method, tokenizer, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MODELEDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(modeledit.evaluate, "SAVE_SECONDS", 0.0)  # save after every edit
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    full, _ = run_sequential(method, tokenizer, str(corpus))
+    path = tmp_path / "partial.jsonl"
+    with pytest.raises(Interrupted):
+        run_sequential(method, tokenizer, str(corpus), path, fail_at=3)
+    entries = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    assert "pre" in entries[0] and [e["done"] for e in entries[1:]] == [0, 1, 2]
+    assert sorted(p.name for p in stream_folder(path).iterdir()) == [
+        "000000.safetensors", "000001.safetensors", "000002.safetensors", "state-000002.safetensors"
+    ]  # fmt: skip
+    resumed, edited = run_sequential(method, tokenizer, str(corpus), path, resume=True)
+    assert edited == ["Wum"]  # only the edit not saved yet
+    # the same model at the end, bit for bit: every score equals the uninterrupted run's
+    assert [r["post"] for r in resumed["records"]] == [r["post"] for r in full["records"]]
+    assert resumed["retention"] == full["retention"]
+    assert resumed["summary"]["n"] == 4 and len(resumed["retention"]) == 2

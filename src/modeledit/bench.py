@@ -36,9 +36,9 @@ def _eval_command(
     ]  # fmt: skip
 
 
-def run_method(command: list[str], log_path: Path) -> tuple[int, float]:
+def run_method(command: list[str], log_path: Path, append: bool = False) -> tuple[int, float]:
     """Run one eval process; return its exit status and its own peak RSS in MB."""
-    with open(log_path, "w") as log:
+    with open(log_path, "a" if append else "w") as log:
         proc = subprocess.Popen(
             command,
             stdout=log,
@@ -78,9 +78,8 @@ def run_eval(
     if tabulate_only:
         return {"error": "not run"}, None
     log = out.with_suffix(".log")
-    sequential = "--mode" in command and command[command.index("--mode") + 1] == "sequential"
-    # an unfinished single/batch run continues from its partial results (sequential runs start over)
-    status, rss = run_method(command + (["--resume"] if resume and not sequential else []), log)
+    # an unfinished run continues (its log too)
+    status, rss = run_method(command + (["--resume"] if resume else []), log, append=resume)
     if status != 0 or not out.exists():
         return {"error": _last_line(log)}, rss
     return json.loads(out.read_text()), rss

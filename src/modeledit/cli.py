@@ -236,22 +236,21 @@ def eval_(
     resume: bool = typer.Option(
         False,
         "--resume/--no-resume",
-        help="single/batch with --out: continue an interrupted run from OUT.partial.jsonl (same settings)",
+        help="with --out: continue an interrupted run from OUT.partial.jsonl (same settings)",
     ),
 ) -> None:
     """Edit records of a data file and measure ES/PS/NS/S, EM/PM/NM, accuracy and drawdown."""
 
     def body():
         from .editor import create_editor
-        from .evaluate import evaluate
+        from .evaluate import evaluate, remove_checkpoint
         from .requests import load_requests
 
         if resume and out is None:
             raise ValueError("--resume needs --out (the partial results are kept beside it)")
-        if resume and mode == "sequential":
-            raise ValueError("a sequential evaluation cannot resume: its state is the edited model")
-        # single/batch runs with --out keep each scored chunk in a side file, so --resume can continue them
-        partial = out.parent / f"{out.name}.partial.jsonl" if out and mode != "sequential" else None
+        # runs with --out keep their progress beside it (sequential: also OUT.partial.jsonl.patches/), so
+        # --resume can continue them
+        partial = out.parent / f"{out.name}.partial.jsonl" if out else None
         requests = load_requests(data, offset=offset, limit=limit)
         model, tokenizer = _load(model_name)
         overrides = _parse_overrides(set_ + _editor_setting(method, editor_dir))
@@ -281,7 +280,7 @@ def eval_(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1, default=str))
             if partial is not None:
-                partial.unlink(missing_ok=True)
+                remove_checkpoint(partial)
             console.print(f"wrote {out}")
 
     _run(body)

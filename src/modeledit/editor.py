@@ -13,6 +13,7 @@ import time
 from functools import cached_property
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from .arch import Architecture, architecture, last_linears
@@ -79,6 +80,17 @@ class Editor:
 
     def compute_deltas(self, requests: list[EditRequest]) -> dict[str, Delta]:
         raise NotImplementedError
+
+    # -- what an editor keeps between edits, for resuming a sequential run -----------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What this editor keeps between edits besides the applied patches (tensors, JSON), or derived from
+        the unedited model (prefixes, a layer chosen by tracing): what a fresh editor needs to carry on with
+        a sequential stream. Most editors keep nothing."""
+        return {}, {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Take over ``state()`` of an earlier editor; called on the unedited model, before that editor's
+        patches are applied again."""
 
 
 EDITORS: dict[str, type[Editor]] = {}

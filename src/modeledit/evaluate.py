@@ -6,6 +6,11 @@
   with ``retention_points=P``, also score all edits made so far at P evenly spaced points of the stream (the
   retention curve), and the perplexity of unrelated text before the first and after the last edit.
 
+With a ``checkpoint`` file, every protocol can be interrupted and resumed: single/batch runs keep each scored
+chunk; a sequential run keeps its stream (the patches made so far and the editor's own state, see
+``Editor.state``), saved every ``SAVE_SECONDS`` and after the last edit, and a resumed run re-applies them to
+the base model and goes on with the next edit.
+
 ``seconds_fwd_bwd`` is one forward+backward of the edit loss (gradients for the MLP matrices of the last
 3 blocks, MEND's setting) measured in the same run, so
 ``edit_cost_ratio = seconds_per_edit / seconds_fwd_bwd`` compares methods across machines.
@@ -17,11 +22,14 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -30,11 +38,12 @@ from .editor import Editor
 from .lm import generate, is_seq2seq, mean_nll, target_batch, text_perplexity
 from .locality import default_locality_texts
 from .metrics import n_gram_entropy, record_metrics, score_request, summarize
-from .patch import revert_all
+from .patch import Patch, revert_all
 from .requests import EditRequest
 from .training.trainer import peak_rss_mb
 
 SUMMARY_KEYS = ("ES", "PS", "NS", "S", "EM", "PM", "NM")
+SAVE_SECONDS = 60.0  # a checkpointed sequential run saves its stream at most this often (and after the end)
 
 
 def time_reference_passes(
@@ -93,9 +102,9 @@ def evaluate(
     """Edit and score ``requests``; ``editor=None`` scores the unedited model. Returns summary and records
     (and, sequential with ``retention_points``, the retention curve).
 
-    ``checkpoint`` (single and batch modes): a JSON-lines file that receives each scored chunk as it is done;
-    with ``resume``, the chunks it already holds are not edited again (it must come from the same method,
-    settings, mode and records). Sequential runs cannot resume: their state is the edited model."""
+    ``checkpoint``: a JSON-lines file that receives the run's progress as it goes (see ``_Checkpoint``); with
+    ``resume``, what it holds is not done again (it must come from the same method, settings, mode and
+    records; a sequential run also needs a fresh ``editor`` and the unedited ``model``)."""
     if mode not in ("single", "batch", "sequential"):
         raise ValueError(f"unknown mode {mode!r}: use single, batch or sequential")
     if mode == "single":
@@ -111,40 +120,52 @@ def evaluate(
     )
     retention: list[dict] = []
     sequential = mode == "sequential"
-    if checkpoint is not None and sequential:
-        raise ValueError("a sequential evaluation cannot be checkpointed or resumed (its state is the model)")
     saved = _Checkpoint(checkpoint, editor, mode, batch_size, fluency_tokens, requests, resume)
     unrelated = default_locality_texts()
-    ppl_before = text_perplexity(model, tokenizer, unrelated) if sequential else None
-    pending = [r for i, c in enumerate(chunks) if i not in saved.chunks for r in c]
-    pre = {
-        id(r): record_metrics(score_request(model, tokenizer, r))
-        for r in tqdm(pending, desc="scoring before", disable=not progress)
-    }
+    if saved.before is not None:  # a resumed sequential run: scored before its first edit already
+        pre = {id(r): m for r, m in zip(requests, saved.before["pre"], strict=True)}
+        ppl_before = saved.before["ppl_before"]
+    else:
+        ppl_before = text_perplexity(model, tokenizer, unrelated) if sequential else None
+        pending = [r for i, c in enumerate(chunks) if i not in saved.chunks for r in c]
+        pre = {
+            id(r): record_metrics(score_request(model, tokenizer, r))
+            for r in tqdm(pending, desc="scoring before", disable=not progress)
+        }
+        if sequential:
+            saved.write({"pre": [pre[id(r)] for r in requests], "ppl_before": ppl_before})
     edit_seconds: list[float] = []
     results: list[dict] = []
+    replayed = -1  # a resumed sequential run: the chunks up to this one are applied from the checkpoint
     bar = tqdm(chunks, desc=f"{editor.name if editor else 'none'} ({mode})", disable=not progress)
     try:
+        if saved.stream is not None:
+            replayed = saved.restore_stream(model, editor)
+            edit_seconds, retention = list(saved.stream["seconds"]), list(saved.stream["retention"])
         for i, chunk in enumerate(bar):
             if i in saved.chunks:  # done by an earlier, interrupted run
                 results += saved.chunks[i]["results"]
                 edit_seconds += saved.chunks[i]["seconds"]
                 continue
+            if i <= replayed:
+                continue
+            patch = None
             if editor is not None:
                 start = time.perf_counter()
                 patch = editor.edit(chunk)
                 edit_seconds.append(time.perf_counter() - start)
                 patch.apply(model)
-            if mode != "sequential":
+            if not sequential:
                 results += [
                     _record_result(model, tokenizer, r, pre[id(r)], fluency_tokens, editor is not None)
                     for r in chunk
                 ]
-                if editor is not None:
+                if patch is not None:
                     patch.revert(model)
                 saved.add(i, results[-len(chunk) :], edit_seconds[-1:] if editor is not None else [])
                 bar.set_postfix(_running(results))
-            elif retention_points and i in points[:-1]:
+                continue
+            if retention_points and i in points[:-1]:
                 done = [r for c in chunks[: i + 1] for r in c]
                 so_far = [
                     _record_result(model, tokenizer, r, pre[id(r)], 0, editor is not None) for r in done
@@ -153,6 +174,7 @@ def evaluate(
                 bar.set_postfix(
                     {k: f"{v:.0f}" for k, v in retention[-1].items() if k != "edits" and v is not None}
                 )
+            saved.keep_stream(i, patch, editor, edit_seconds, retention, last=i == len(chunks) - 1)
         if sequential:
             results = [
                 _record_result(model, tokenizer, r, pre[id(r)], fluency_tokens, editor is not None)
@@ -201,14 +223,27 @@ def evaluate(
 
 
 class _Checkpoint:
-    """The chunks of an evaluation scored so far, one JSON line each after a header line that identifies the
-    run (method, settings, mode, records); inactive without a path."""
+    """What an evaluation has done so far, in a JSON-lines file: a header line that identifies the run
+    (method, settings, mode, records), then
+
+    - single/batch: one line per scored chunk, ``{"chunk", "results", "seconds"}``;
+    - sequential: the scores before the first edit, ``{"pre", "ppl_before"}``, then one line per save of the
+      stream, ``{"done", "seconds", "retention"}``: the model after chunk ``done`` is the base model plus the
+      patches in the folder ``PATH.patches`` (one file per chunk, in order), and the editor's own state is
+      ``state-DONE.safetensors`` there.
+
+    Inactive without a path."""
 
     def __init__(self, path, editor, mode, batch_size, fluency_tokens, requests, resume: bool):
         self.path = Path(path) if path is not None else None
         self.chunks: dict[int, dict] = {}
+        self.before: dict | None = None  # sequential: {"pre", "ppl_before"}
+        self.stream: dict | None = None  # sequential: the last save {"done", "seconds", "retention"}
+        self.unsaved: list[tuple[int, Patch]] = []
+        self.last_save = time.monotonic()
         if self.path is None:
             return
+        self.folder = stream_folder(self.path)
         records = hashlib.sha256(
             json.dumps([dataclasses.asdict(r) for r in requests], sort_keys=True, default=str).encode()
         ).hexdigest()
@@ -233,23 +268,83 @@ class _Checkpoint:
                     f"{self.path} was written by a different evaluation (method, settings, mode or records "
                     "differ); delete it to start over"
                 )
+            kept = 1
             for line in lines[1:]:
                 try:
-                    chunk = json.loads(line)
+                    entry = json.loads(line)
                 except json.JSONDecodeError:  # the line being written when the run was killed
                     break
-                self.chunks[chunk["chunk"]] = chunk
-            self.path.write_text("".join(line + "\n" for line in lines[: len(self.chunks) + 1]))
+                kept += 1
+                if "chunk" in entry:
+                    self.chunks[entry["chunk"]] = entry
+                elif "pre" in entry:
+                    self.before = entry
+                elif "done" in entry:
+                    self.stream = entry
+            self.path.write_text("".join(line + "\n" for line in lines[:kept]))
         else:
+            remove_checkpoint(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.header, sort_keys=True) + "\n")
 
-    def add(self, index: int, results: list[dict], seconds: list[float]) -> None:
+    def write(self, entry: dict) -> None:
         if self.path is not None:
             with self.path.open("a") as f:
-                f.write(
-                    json.dumps({"chunk": index, "results": results, "seconds": seconds}, default=str) + "\n"
-                )
+                f.write(json.dumps(entry, default=str) + "\n")
+
+    def add(self, index: int, results: list[dict], seconds: list[float]) -> None:
+        self.write({"chunk": index, "results": results, "seconds": seconds})
+
+    def keep_stream(
+        self, index: int, patch: Patch | None, editor: Editor | None, seconds: list[float],
+        retention: list[dict], last: bool,
+    ) -> None:  # fmt: skip
+        """Sequential: note chunk ``index``'s patch; save the stream if ``SAVE_SECONDS`` have passed or
+        ``last``. Files first, the line that points at them last, so a killed save leaves the previous one."""
+        if self.path is None:
+            return
+        if patch is not None:
+            self.unsaved.append((index, patch))
+        if not last and time.monotonic() - self.last_save < SAVE_SECONDS:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for i, p in self.unsaved:
+            p.save(self.folder / f"{i:06d}.safetensors")
+        self.unsaved = []
+        tensors, meta = editor.state() if editor is not None else ({}, {})
+        state = self.folder / f"state-{index:06d}.safetensors"
+        tensors = {k: t.contiguous() for k, t in tensors.items()}
+        save_file(tensors, str(state), metadata={"modeledit": json.dumps(meta)})
+        self.write({"done": index, "seconds": seconds, "retention": retention})
+        for old in self.folder.glob("state-*.safetensors"):
+            if old != state:
+                old.unlink()
+        self.last_save = time.monotonic()
+
+    def restore_stream(self, model: nn.Module, editor: Editor | None) -> int:
+        """Sequential resume: the editor's state (on the base model), then the saved patches applied in order;
+        returns the last chunk they cover."""
+        done = self.stream["done"]
+        if editor is not None:
+            with safe_open(str(self.folder / f"state-{done:06d}.safetensors"), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                meta = json.loads((f.metadata() or {}).get("modeledit", "{}"))
+            editor.load_state(tensors, meta)
+            for i in tqdm(range(done + 1), desc="re-applying the saved patches", leave=False):
+                Patch.load(self.folder / f"{i:06d}.safetensors").apply(model)
+        return done
+
+
+def stream_folder(checkpoint: Path) -> Path:
+    """Where a sequential run keeps its patches and editor state beside its checkpoint file."""
+    return checkpoint.with_name(checkpoint.name + ".patches")
+
+
+def remove_checkpoint(checkpoint: str | Path) -> None:
+    """Delete a checkpoint file and a sequential run's folder beside it."""
+    checkpoint = Path(checkpoint)
+    checkpoint.unlink(missing_ok=True)
+    shutil.rmtree(stream_folder(checkpoint), ignore_errors=True)
 
 
 def geometric_drawdown(results: list[dict]) -> float:

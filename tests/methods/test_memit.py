@@ -3,6 +3,8 @@ null space of preserved keys and remembers the keys of applied edits."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers as tf
@@ -121,6 +123,22 @@ def test_alphaedit_update_lies_in_the_null_space_and_remembers_applied_edits(tok
     second.apply(model)
     torch.testing.assert_close(editor.preserved_edit_keys(1), preserved(second))
     assert len(editor._history) == 3
+
+
+def test_alphaedit_state_carries_prefixes_layers_and_kept_keys_to_a_fresh_editor(tokenizer, corpus):
+    model = deeper("llama")
+    editor = create_editor("alphaedit", model, tokenizer, mom2_source=corpus, **FAST)  # layers chosen lazily
+    patches = [editor.edit([r]).apply(model) for r in REQUESTS[:2]]
+    tensors, meta = editor.state()
+    json.dumps(meta)  # the JSON half must be JSON
+    fresh = create_editor("alphaedit", model, tokenizer, mom2_source=corpus, **FAST)
+    assert fresh.config.layers is None and fresh._prefixes is None
+    fresh.load_state(tensors, meta)
+    assert fresh._prefixes == editor.prefixes and fresh.layers == editor.layers
+    assert set(fresh.moments.mom2) == set(editor.layers)  # C at once (the caller is on the base model)
+    assert list(fresh._history) == [p.id for p in patches]
+    for layer in editor.layers:
+        torch.testing.assert_close(fresh.preserved_edit_keys(layer), editor.preserved_edit_keys(layer))
 
 
 def test_a_second_round_closes_more_of_the_residual(tokenizer, corpus):

@@ -101,6 +101,9 @@ class MEMIT(LocateThenEdit):
             c.layers = list(range(start, start + width))
         return sorted(layer % self.arch.num_layers for layer in c.layers)
 
+    def edited_layers(self) -> list[int]:
+        return self.layers
+
     def value_settings(self) -> ValueSettings:
         c = self.config
         return ValueSettings(c.lr, c.steps, c.stop_nll, c.kl_factor, c.weight_decay, c.clamp_norm)
@@ -239,6 +242,19 @@ class AlphaEdit(MEMIT):
             a = a + earlier
         x = torch.linalg.solve(a, pk)  # (in, n): Delta^T = x R^T
         return resid.double().T, x.T
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, meta = super().state()
+        tensors |= {f"keys/{pid}/{layer}": k for pid, h in self._history.items() for layer, k in h.items()}
+        return tensors, meta | {"history": list(self._history)}  # patch ids, oldest first
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        super().load_state(tensors, meta)
+        self._history = {pid: {} for pid in meta.get("history", [])}
+        for name, k in tensors.items():
+            if name.startswith("keys/"):
+                _, pid, layer = name.split("/")
+                self._history[pid][int(layer)] = k
 
     def edit(self, requests):
         self._keys = {}

@@ -36,7 +36,7 @@ import copy
 import inspect
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -525,6 +525,21 @@ class LocateThenEdit(Editor):
             )
         return self._prefixes
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        # Derived from the unedited model (prefixes; layers chosen lazily, maybe by tracing): a resumed stream
+        # must not derive them again from the edited one.
+        return {}, {"prefixes": self._prefixes, "config": asdict(self.config)}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self._prefixes = meta.get("prefixes")
+        for key, value in meta.get("config", {}).items():
+            setattr(self.config, key, value)
+        if getattr(self.config, "mom2", True):  # MEMIT and AlphaEdit always use C
+            self.moments.get(self.edited_layers())  # from the cache or the unedited model
+
+    def edited_layers(self) -> list[int]:
+        raise NotImplementedError
+
     def auto_layer(self) -> int:
         """The edit layer of a model nobody configured: from its depth, or from causal tracing of known facts
         (``layer_selection="trace"``; it falls back to the depth rule where no known facts are usable)."""
@@ -550,6 +565,9 @@ class ROME(LocateThenEdit):
         if self.config.layer is None:
             self.config.layer = self.auto_layer()
         return self.config.layer
+
+    def edited_layers(self) -> list[int]:
+        return [self.layer]
 
     def c_inverse_times(self, layer: int, k: torch.Tensor) -> torch.Tensor:
         """C^-1 k (float64); k itself without ``mom2``."""
