@@ -61,10 +61,10 @@ def test_bench_unknown_method_is_a_clear_error(tmp_path):
 
 
 def test_compare_tabulates_success_and_drawdown_per_batch_size(tmp_path):
-    model_dir, data = tiny_setup(tmp_path)
+    model_dir, data = tiny_setup(tmp_path, n=3)
     out = tmp_path / "compare"
     args = ["compare", "--model", str(model_dir), "--methods", "ft,mend", "--batch-sizes", "1,2",
-            "--limit", "2", "--data", str(data), "--out", str(out)]  # fmt: skip
+            "--limit", "3", "--data", str(data), "--out", str(out)]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     results = json.loads((out / "compare.json").read_text())
@@ -73,8 +73,10 @@ def test_compare_tabulates_success_and_drawdown_per_batch_size(tmp_path):
         keys = {"ES", "drawdown_acc", "drawdown_ppl_geo", "seconds_per_edit"}
         assert keys <= set(results["methods"]["ft"][k])
         assert "no trained MEND editor" in results["methods"]["mend"][k]["error"]  # reported, not hidden
+    assert [results["methods"]["ft"][k]["n"] for k in ("1", "2")] == [3, 2]  # whole batches only
     table = (out / "compare.md").read_text()
     assert "| ft |" in table and "ES (k=2)" in table and "mend (k=1) not available" in table
+    assert "k=2 on the first 2 of the 3 records" in table
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     sizes = args.index("--batch-sizes") + 1
     again = [*args[:sizes], "1,2,3", *args[sizes + 1 :], "--tabulate-only"]

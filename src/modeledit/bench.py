@@ -259,11 +259,12 @@ def run_compare(
     runs = [(m, k) for m in methods for k in batch_sizes]
     for method, k in tqdm(runs, desc="compare"):
         out = out_dir / f"{method}_k{k}.json"
-        command = eval_command_with_editor(model, method, data, offset, limit, editors.get(method), out)
+        records = limit - limit % k if k <= limit else limit  # whole batches only (500 records: 450 at k=75)
+        command = eval_command_with_editor(model, method, data, offset, records, editors.get(method), out)
         if k > 1:
             command += ["--mode", "batch", "--batch-size", str(k)]
         result, rss = run_eval(command, out, resume, tabulate_only)
-        keep = (*COMPARE_COLUMNS, "drawdown_ppl", "PS", "NS", "seconds_per_edit")
+        keep = (*COMPARE_COLUMNS, "drawdown_ppl", "PS", "NS", "seconds_per_edit", "n")
         summary = result.get("summary")
         if summary and "drawdown_ppl_geo" not in summary:  # results of an eval before it reported it
             from .evaluate import geometric_drawdown  # (imports torch: only when needed)
@@ -311,6 +312,11 @@ def compare_markdown(results: dict) -> str:
             cells,
         ),  # fmt: skip
     ]
+    limit = results["limit"]
+    fewer = [k for k in results["batch_sizes"] if k <= limit and limit % k]
+    if fewer:
+        parts = ", ".join(f"k={k} on the first {limit - limit % k}" for k in fewer)
+        lines += ["", f"Whole batches only: {parts} of the {limit} records."]
     errors = [(m, k, r[k]["error"]) for m, r in results["methods"].items() for k in r if "error" in r[k]]
     if errors:
         lines += ["", *(f"- {m} (k={k}) not available: {e}" for m, k, e in errors)]

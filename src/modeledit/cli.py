@@ -528,7 +528,7 @@ def compare(
     data: Path = DATA_OPTION,
     model_name: str = typer.Option("default", "--model"),
     offset: int = typer.Option(0),
-    limit: int = typer.Option(75, help="records (a multiple of the largest batch size)"),
+    limit: int = typer.Option(75, help="records (each batch size k uses the first whole batches of them)"),
     readme: bool = typer.Option(False, help="also copy compare.png to docs/bench/ for the README"),
     resume: bool = typer.Option(False, help="keep the finished runs already in OUT (same command)"),
     tabulate_only: bool = typer.Option(False, help="run nothing: tabulate the finished runs in OUT"),
