@@ -31,9 +31,9 @@ class Interrupted(Exception):
     pass
 
 
-def run(tokenizer, path, resume=False, fail_at=None, mode="single", batch_size=1, steps=3):
+def run(tokenizer, path, resume=False, fail_at=None, mode="single", batch_size=1, steps=3, seed=0):
     """evaluate() with a fine-tuning editor that counts its edits (and raises at edit number ``fail_at``)."""
-    model = tiny_model("llama")
+    model = tiny_model("llama", seed=seed)
     editor = create_editor("ft", model, tokenizer, steps=steps)
     edited = []
     original = editor.edit
@@ -82,6 +82,13 @@ def test_resume_ignores_a_half_written_line_and_refuses_another_runs_checkpoint(
         run(tokenizer, path, resume=True, steps=4)  # other settings: not the same run
     with pytest.raises(ValueError, match="different evaluation"):
         run(tokenizer, path, resume=True, mode="sequential")  # another protocol: not the same run
+    with pytest.raises(ValueError, match="different evaluation"):
+        run(tokenizer, path, resume=True, seed=1)  # another model
+    lines = path.read_text().splitlines()
+    old_header = {k: v for k, v in json.loads(lines[0]).items() if k != "model"}
+    path.write_text("\n".join([json.dumps(old_header), *lines[1:]]) + "\n")
+    _, edited = run(tokenizer, path, resume=True)  # a header from before it named the model: accepted
+    assert edited == []
 
 
 def test_without_resume_an_old_checkpoint_is_started_over(tokenizer, tmp_path):

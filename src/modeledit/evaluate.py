@@ -38,6 +38,7 @@ from .editor import Editor
 from .lm import generate, is_seq2seq, mean_nll, target_batch, text_perplexity
 from .locality import default_locality_texts
 from .metrics import n_gram_entropy, record_metrics, score_request, summarize
+from .models import fingerprint
 from .patch import Patch, revert_all
 from .requests import EditRequest
 from .training.trainer import peak_rss_mb
@@ -120,7 +121,7 @@ def evaluate(
     )
     retention: list[dict] = []
     sequential = mode == "sequential"
-    saved = _Checkpoint(checkpoint, editor, mode, batch_size, fluency_tokens, requests, resume)
+    saved = _Checkpoint(checkpoint, model, editor, mode, batch_size, fluency_tokens, requests, resume)
     unrelated = default_locality_texts()
     if saved.before is not None:  # a resumed sequential run: scored before its first edit already
         pre = {id(r): m for r, m in zip(requests, saved.before["pre"], strict=True)}
@@ -224,7 +225,7 @@ def evaluate(
 
 class _Checkpoint:
     """What an evaluation has done so far, in a JSON-lines file: a header line that identifies the run
-    (method, settings, mode, records), then
+    (model fingerprint, method, settings, mode, records), then
 
     - single/batch: one line per scored chunk, ``{"chunk", "results", "seconds"}``;
     - sequential: the scores before the first edit, ``{"pre", "ppl_before"}``, then one line per save of the
@@ -234,7 +235,7 @@ class _Checkpoint:
 
     Inactive without a path."""
 
-    def __init__(self, path, editor, mode, batch_size, fluency_tokens, requests, resume: bool):
+    def __init__(self, path, model, editor, mode, batch_size, fluency_tokens, requests, resume: bool):
         self.path = Path(path) if path is not None else None
         self.chunks: dict[int, dict] = {}
         self.before: dict | None = None  # sequential: {"pre", "ppl_before"}
@@ -256,6 +257,7 @@ class _Checkpoint:
                     "batch_size": batch_size,
                     "fluency_tokens": fluency_tokens,
                     "records": records,
+                    "model": fingerprint(model),
                 },
                 sort_keys=True,
                 default=str,
@@ -263,10 +265,13 @@ class _Checkpoint:
         )
         if resume and self.path.exists():
             lines = self.path.read_text().splitlines()
-            if not lines or json.loads(lines[0]) != self.header:
+            header = json.loads(lines[0]) if lines else None
+            if header is not None and "model" not in header:  # written before the header named the model
+                header["model"] = self.header["model"]
+            if header != self.header:
                 raise ValueError(
-                    f"{self.path} was written by a different evaluation (method, settings, mode or records "
-                    "differ); delete it to start over"
+                    f"{self.path} was written by a different evaluation (model, method, settings, mode or "
+                    "records differ); delete it to start over"
                 )
             kept = 1
             for line in lines[1:]:
