@@ -9,7 +9,8 @@ maps substrings of module names to factors, multiplied where several match, on t
     {"base": {}, "late blocks down": {"layers.28.": 0.75, "layers.29.": 0.75}, "up x0.5": {"up_proj": 0.5}}
 
 It prints ES, PS, NS and S (harmonic mean) per candidate and writes them, with each candidate's
-``alpha_scale`` dictionary, to ``--out``. Run from the repository root, for the shipped editor:
+``alpha_scale`` dictionary and every record's metrics, to ``--out``. Run from the repository root, for the
+shipped editor:
 
     python examples/mend_step_scales.py --candidates runs/candidates.json --offset 500 --limit 500 \\
         --out runs/step_scales.json
@@ -88,7 +89,12 @@ def main() -> None:
         rows[name] = row | {"alpha_scale": scales[name]}
         print(f"{name:40s} " + "  ".join(f"{key} {row[key]:6.2f}" for key in ("ES", "PS", "NS", "S")))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"records": [args.offset, args.offset + n], "NS_unedited": unedited_ns, "candidates": rows}
+    summary = {
+        "records": [args.offset, args.offset + n],
+        "NS_unedited": unedited_ns,
+        "candidates": rows,
+        "per_record": {"unedited": unedited} | edited,  # record_metrics per record, for other analyses
+    }
     args.out.write_text(json.dumps(summary, indent=1))
     print(f"wrote {args.out}")
 
