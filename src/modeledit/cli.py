@@ -452,7 +452,7 @@ def bench(
     limit: int = typer.Option(None, help="records (default: the suite's)"),
     update_benchmarks: bool = typer.Option(False, help="also write BENCHMARKS.md and docs/bench/*.png"),
     resume: bool = typer.Option(
-        False, help="keep the finished runs already in OUT (same model/data/records)"
+        False, help="keep the finished runs in OUT, continue an interrupted one (same model/data/records)"
     ),
 ) -> None:
     """Run eval for every method on the same records (one process each) and tabulate and plot the results."""
@@ -530,7 +530,9 @@ def compare(
     offset: int = typer.Option(0),
     limit: int = typer.Option(75, help="records (each batch size k uses the first whole batches of them)"),
     readme: bool = typer.Option(False, help="also copy compare.png to docs/bench/ for the README"),
-    resume: bool = typer.Option(False, help="keep the finished runs already in OUT (same command)"),
+    resume: bool = typer.Option(
+        False, help="keep the finished runs in OUT, continue an interrupted one (same command)"
+    ),
     tabulate_only: bool = typer.Option(False, help="run nothing: tabulate the finished runs in OUT"),
 ) -> None:
     """The MEND paper's comparison (Tables 4-5): ES and drawdown of learned editors and fine-tuning,
@@ -566,7 +568,9 @@ def retention(
     limit: int = typer.Option(100, help="sequential edits T"),
     points: int = typer.Option(10, help="points of the retention curve"),
     readme: bool = typer.Option(False, help="also copy retention.png to docs/bench/"),
-    resume: bool = typer.Option(False, help="keep the finished runs already in OUT (same command)"),
+    resume: bool = typer.Option(
+        False, help="keep the finished runs in OUT, continue an interrupted one (same command)"
+    ),
     merge: list[Path] = typer.Option(
         None, help="run nothing: join the retention.json of earlier runs (files or folders) into OUT"
     ),
