@@ -5,16 +5,22 @@
     keys = tr["model.layers.3.mlp.down_proj"].input
 
 ``edit_output(name, output) -> new_output`` replaces a module's output (ROME's v* insertion, causal tracing);
-``retain_grad=True`` keeps the gradient of captured outputs (MEND's delta).
+``retain_grad=True`` keeps the gradient of captured outputs (MEND's delta). ``BlockReplay`` records the early
+blocks' outputs once and replays them, so that a method optimising later layers (GRACE, WISE, fine-tuning of
+the last blocks) runs only those at each step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+
+from .arch import architecture
 
 
 @dataclass
@@ -80,3 +86,72 @@ class Trace:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+# -- replaying the early blocks -----------------------------------------------------------------------------
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class BlockReplay:
+    """Run a model again and again with blocks ``0..layer`` of a stack replaced by their recorded outputs.
+
+    A method that changes only what one module inside block ``layer`` outputs (GRACE's values, WISE's side
+    memory) optimises that change with forward and backward passes through the later blocks only:
+
+        replay = BlockReplay(model, layer)
+        with replay.recording([module]) as tr:      # one ordinary forward pass
+            aligned_logits(model, batch)
+        with replay.replaying(lambda hidden: hidden + change):
+            aligned_logits(model, batch)            # blocks 0..layer return what they returned above
+
+    ``change`` is added to the output of block ``layer`` (the residual stream), e.g. new minus recorded
+    output of the module: exact, because a block adds its MLP output to the residual stream. Embeddings,
+    other stacks (a seq2seq encoder) and the blocks after ``layer`` run as usual.
+    """
+
+    def __init__(self, model: nn.Module, layer: int, kind: str = "decoder"):
+        self.model = model
+        self.blocks = [model.get_submodule(b.name) for b in architecture(model).stack(kind)][: layer + 1]
+        self.outputs: list[Any] = []
+
+    @contextmanager
+    def recording(self, modules: list[str], capture_input: bool = True) -> Iterator[Trace]:
+        self.outputs = [None] * len(self.blocks)
+        handles = [
+            block.register_forward_hook(lambda _m, _i, out, i=i: self.outputs.__setitem__(i, out))
+            for i, block in enumerate(self.blocks)
+        ]
+        try:
+            with torch.no_grad(), Trace(self.model, modules, capture_input=capture_input, detach=True) as tr:
+                yield tr
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def replaying(self, edit_last: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        if not self.outputs or any(o is None for o in self.outputs):
+            raise RuntimeError("BlockReplay.replaying() needs a recorded forward pass first")
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            out = self.outputs[i]
+            if i == last:
+                block.forward = lambda *a, _out=out, **k: with_hidden(_out, edit_last(hidden_of(_out)))
+            else:
+                block.forward = lambda *a, _out=out, **k: _out
+        try:
+            yield
+        finally:
+            for block in self.blocks:
+                del block.forward  # the instance attribute: the class's forward is back
+
+    @property
+    def seq_len(self) -> int:
+        return hidden_of(self.outputs[-1]).shape[1]

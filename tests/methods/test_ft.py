@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+import transformers as tf
+from conftest import tiny_configs, tiny_model
 
 from modeledit import EditRequest, create_editor
 from modeledit.lm import aligned_logits, kl_on_positions, mean_nll, target_batch, text_batch
@@ -35,6 +36,28 @@ def test_edit_lowers_target_nll_without_mutating_model(method, arch, tokenizer):
     assert target_nll(model, tokenizer) < before - 0.5
     patch.revert(model)
     assert all(torch.equal(before_weights[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "method,settings", [("ft", {}), ("ft-kl", {"stop_nll": 0.0}), ("ft-l", {"layers": [1]})]
+)
+def test_replaying_the_blocks_below_the_trained_ones_changes_nothing(method, settings, tokenizer):
+    """The blocks below the first trained one are recorded once and replayed at every step: the same deltas
+    as full forward passes (a deeper tiny model, so that there is something to replay)."""
+    config = tiny_configs()["llama"]
+    config.update({"num_hidden_layers": 5})
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).float().eval()
+    deltas = {}
+    for replay in (True, False):
+        editor = create_editor(method, model, tokenizer, lr=5e-2, steps=4, **settings)
+        editor.replay_blocks = replay
+        assert editor.first_trained_block(editor.edited_modules()) == (1 if method == "ft-l" else 2)
+        deltas[replay] = editor.edit([REQUEST]).deltas
+    assert deltas[True].keys() == deltas[False].keys()
+    for name, d in deltas[True].items():
+        assert d.abs().max() > 0
+        torch.testing.assert_close(d, deltas[False][name], rtol=1e-5, atol=1e-7)
 
 
 def test_ft_l_respects_linf_constraint_and_trains_one_matrix(tokenizer):

@@ -9,11 +9,13 @@ language-model baseline.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
 from ..editor import Editor, register
+from ..hooks import BlockReplay
 from ..locality import default_locality_texts
 from ..patch import Delta
 from ..requests import EditRequestError
@@ -64,6 +66,7 @@ class FineTune(Editor):
     name = "ft"
     Config = FTConfig
     any_model = True
+    replay_blocks = True  # replay the blocks below the trained ones (False: full forward passes; for tests)
 
     def default_layers(self) -> list[int]:
         n = self.arch.num_layers
@@ -96,29 +99,50 @@ class FineTune(Editor):
             raise EditRequestError(f"{self.name} (kl_weight > 0) needs TensorEdit.locality_inputs")
         return [task.locality_batch(cat_inputs(given))]  # small models: all of them at every step
 
+    def first_trained_block(self, modules: list[str]) -> int | None:
+        """The lowest decoder block holding a trained module, when every one is inside a decoder block of a
+        decoder-only language model (the blocks below it then compute the same at every step)."""
+        if not self.task.is_language_model or self.arch.is_seq2seq:
+            return None
+        blocks = self.arch.stack("decoder")
+        inside = [next((b.index for b in blocks if m.startswith(b.name + ".")), None) for m in modules]
+        return None if None in inside else min(inside)
+
     def compute_deltas(self, requests: list) -> dict[str, Delta]:
         c, task = self.config, self.task
         torch.manual_seed(c.seed)
-        names = [f"{m}.weight" for m in self.edited_modules()]
+        modules = self.edited_modules()
+        names = [f"{m}.weight" for m in modules]
         params = dict(self.model.named_parameters())
         base = {n: params[n].detach() for n in names}
         deltas = {n: torch.zeros_like(w, requires_grad=True) for n, w in base.items()}
         opt = torch.optim.Adam(deltas.values(), lr=c.lr)
-        batch = task.edit_batch(requests)
+        batches = [task.edit_batch(requests)]
         if c.kl_weight > 0:
-            loc_batches = self.locality_batches(requests)
-            with torch.no_grad():  # the original model's outputs, computed once
-                loc_before = [task.outputs(self.model, b) for b in loc_batches]
+            batches += self.locality_batches(requests)
+        # The blocks below the first trained one see unchanged weights: record their outputs once per batch
+        # and replay them at every step (exact; on the default model a step then runs 3 blocks of 30).
+        first = self.first_trained_block(modules) if self.replay_blocks else None
+        replays = [BlockReplay(self.model, first - 1) for _ in batches] if first else None
+        before = [None] * len(batches)  # the original model's outputs of the locality batches, computed once
+        for i, b in enumerate(batches):
+            if replays or i:  # (the edit batch needs only its recording)
+                with replays[i].recording([]) if replays else torch.no_grad():
+                    before[i] = task.outputs(self.model, b)
+
+        def outputs(i: int, edited: dict[str, torch.Tensor]):
+            with replays[i].replaying(lambda hidden: hidden) if replays else contextlib.nullcontext():
+                return task.outputs(self.model, batches[i], edited)
+
         for step in range(c.steps):
             edited = {n: base[n] + deltas[n] for n in names}
-            losses = task.loss(task.outputs(self.model, batch, edited), batch)
+            losses = task.loss(outputs(0, edited), batches[0])
             if losses.max().item() < c.stop_nll:
                 break
             loss = losses.mean()
             if c.kl_weight > 0:
-                j = step % len(loc_batches)
-                after = task.outputs(self.model, loc_batches[j], edited)
-                loss = loss + c.kl_weight * task.divergence(loc_before[j], after, loc_batches[j])
+                j = 1 + step % (len(batches) - 1)
+                loss = loss + c.kl_weight * task.divergence(before[j], outputs(j, edited), batches[j])
             grads = torch.autograd.grad(loss, list(deltas.values()))
             for d, g in zip(deltas.values(), grads):
                 d.grad = g

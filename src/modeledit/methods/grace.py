@@ -32,17 +32,15 @@ so reverting one patch deletes its keys and undoes its expand/split changes, lea
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..arch import Architecture, architecture
+from ..arch import Architecture
 from ..editor import Editor, register
-from ..hooks import Trace
+from ..hooks import BlockReplay
 from ..lm import aligned_logits, mean_nll, target_batch
 from ..patch import Delta, Memory, Patch, applied_memories, register_memory
 from ..requests import EditRequest
@@ -70,73 +68,6 @@ class MemoryEditor(Editor):
 
     def compute_memory(self, requests: list[EditRequest]) -> Memory:
         raise NotImplementedError
-
-
-def _hidden(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _with_hidden(output: Any, hidden: torch.Tensor) -> Any:
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-
-class BlockReplay:
-    """Run a model again and again with blocks ``0..layer`` of a stack replaced by their recorded outputs.
-
-    A method that changes only what one module inside block ``layer`` outputs (GRACE's values, WISE's side
-    memory) optimises that change with forward and backward passes through the later blocks only:
-
-        replay = BlockReplay(model, layer)
-        with replay.recording([module]) as tr:      # one ordinary forward pass
-            aligned_logits(model, batch)
-        with replay.replaying(lambda hidden: hidden + change):
-            aligned_logits(model, batch)            # blocks 0..layer return what they returned above
-
-    ``change`` is added to the output of block ``layer`` (the residual stream), e.g. new minus recorded
-    output of the module: exact, because a block adds its MLP output to the residual stream. Embeddings,
-    other stacks (a seq2seq encoder) and the blocks after ``layer`` run as usual.
-    """
-
-    def __init__(self, model: nn.Module, layer: int, kind: str = "decoder"):
-        self.model = model
-        arch = architecture(model)
-        self.blocks = [model.get_submodule(b.name) for b in arch.stack(kind)][: layer + 1]
-        self.outputs: list[Any] = []
-
-    @contextmanager
-    def recording(self, modules: list[str], capture_input: bool = True) -> Iterator[Trace]:
-        self.outputs = [None] * len(self.blocks)
-        handles = [
-            block.register_forward_hook(lambda _m, _i, out, i=i: self.outputs.__setitem__(i, out))
-            for i, block in enumerate(self.blocks)
-        ]
-        try:
-            with torch.no_grad(), Trace(self.model, modules, capture_input=capture_input, detach=True) as tr:
-                yield tr
-        finally:
-            for h in handles:
-                h.remove()
-
-    @contextmanager
-    def replaying(self, edit_last: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-        if not self.outputs or any(o is None for o in self.outputs):
-            raise RuntimeError("BlockReplay.replaying() needs a recorded forward pass first")
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            out = self.outputs[i]
-            if i == last:
-                block.forward = lambda *a, _out=out, **k: _with_hidden(_out, edit_last(_hidden(_out)))
-            else:
-                block.forward = lambda *a, _out=out, **k: _out
-        try:
-            yield
-        finally:
-            for block in self.blocks:
-                del block.forward  # the instance attribute: the class's forward is back
-
-    @property
-    def seq_len(self) -> int:
-        return _hidden(self.outputs[-1]).shape[1]
 
 
 def query_positions(batch: dict[str, torch.Tensor], seq2seq: bool) -> torch.Tensor:

@@ -48,12 +48,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..editor import register
-from ..hooks import Trace
+from ..hooks import BlockReplay, Trace
 from ..lm import aligned_logits, mean_nll, target_batch, text_batch
 from ..locality import default_locality_texts
 from ..patch import Memory, applied_memories, applied_patches, attachment, register_memory
 from ..requests import EditRequest
-from .grace import BlockReplay, MemoryEditor, module_and_layer, query_positions
+from .grace import MemoryEditor, module_and_layer, query_positions
 
 KIND = "wise"
 
