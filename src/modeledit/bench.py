@@ -247,6 +247,12 @@ def eval_command_with_editor(
     return command + (["--editor", editor] if editor else [])
 
 
+def whole_batches(limit: int, k: int) -> int:
+    """The records a batch size uses: whole batches of k only (500 records: 450 at k = 75); all of them when
+    there are fewer than k."""
+    return limit - limit % k if k <= limit else limit
+
+
 def run_compare(
     model: str, methods: list[str], data: str, out_dir: Path, editors: dict[str, str] | None = None,
     batch_sizes: tuple[int, ...] = COMPARE_BATCHES, offset: int = 0, limit: int = 75, resume: bool = False,
@@ -259,7 +265,7 @@ def run_compare(
     runs = [(m, k) for m in methods for k in batch_sizes]
     for method, k in tqdm(runs, desc="compare"):
         out = out_dir / f"{method}_k{k}.json"
-        records = limit - limit % k if k <= limit else limit  # whole batches only (500 records: 450 at k=75)
+        records = whole_batches(limit, k)
         command = eval_command_with_editor(model, method, data, offset, records, editors.get(method), out)
         if k > 1:
             command += ["--mode", "batch", "--batch-size", str(k)]
@@ -313,9 +319,9 @@ def compare_markdown(results: dict) -> str:
         ),  # fmt: skip
     ]
     limit = results["limit"]
-    fewer = [k for k in results["batch_sizes"] if k <= limit and limit % k]
+    fewer = [k for k in results["batch_sizes"] if whole_batches(limit, k) < limit]
     if fewer:
-        parts = ", ".join(f"k={k} on the first {limit - limit % k}" for k in fewer)
+        parts = ", ".join(f"k={k} on the first {whole_batches(limit, k)}" for k in fewer)
         lines += ["", f"Whole batches only: {parts} of the {limit} records."]
     errors = [(m, k, r[k]["error"]) for m, r in results["methods"].items() for k in r if "error" in r[k]]
     if errors:

@@ -34,6 +34,11 @@ def _first(x):
     return x[0] if isinstance(x, tuple) else x
 
 
+def _with_first(output: Any, first: torch.Tensor) -> Any:
+    """``output`` with its first element (a module's hidden states) replaced."""
+    return (first, *output[1:]) if isinstance(output, tuple) else first
+
+
 class Trace:
     """Context manager hooking modules by name; ``trace[name]`` gives what was captured."""
 
@@ -63,8 +68,7 @@ class Trace:
                 x = _first(inputs)
                 rec.input = x.detach() if self.detach else x
             if self.edit_output is not None:
-                new = self.edit_output(name, _first(output))
-                output = (new, *output[1:]) if isinstance(output, tuple) else new
+                output = _with_first(output, self.edit_output(name, _first(output)))
             if self.capture_output:
                 y = _first(output)
                 if self.retain_grad and y.requires_grad:
@@ -89,14 +93,6 @@ class Trace:
 
 
 # -- replaying the early blocks -----------------------------------------------------------------------------
-
-
-def hidden_of(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 class BlockReplay:
@@ -143,7 +139,7 @@ class BlockReplay:
         for i, block in enumerate(self.blocks):
             out = self.outputs[i]
             if i == last:
-                block.forward = lambda *a, _out=out, **k: with_hidden(_out, edit_last(hidden_of(_out)))
+                block.forward = lambda *a, _out=out, **k: _with_first(_out, edit_last(_first(_out)))
             else:
                 block.forward = lambda *a, _out=out, **k: _out
         try:
@@ -154,4 +150,4 @@ class BlockReplay:
 
     @property
     def seq_len(self) -> int:
-        return hidden_of(self.outputs[-1]).shape[1]
+        return _first(self.outputs[-1]).shape[1]
