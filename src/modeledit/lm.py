@@ -163,16 +163,22 @@ def text_batch(tokenizer, texts: list[str], max_length: int = 128) -> dict[str, 
     }
 
 
+def left_padded(tokenizer, texts: list[str], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A left-padded batch for ``generate`` (new tokens then line up at the end of every row), leaving the
+    tokenizer's own padding side as it was."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer(texts, return_tensors="pt", padding=True).to(device)
+    finally:
+        tokenizer.padding_side = side
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 12) -> list[str]:
     """Greedy continuations (left-padded batch)."""
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer([p.rstrip(" ") for p in prompts], return_tensors="pt", padding=True).to(device)
-    finally:
-        tokenizer.padding_side = side
+    enc = left_padded(tokenizer, [p.rstrip(" ") for p in prompts], device)
     out = model.generate(
         **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
     )

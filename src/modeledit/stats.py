@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .arch import ArchitectureError, architecture
 from .hooks import Trace
-from .lm import forward
+from .lm import forward, left_padded
 from .models import cache_dir, fingerprint
 
 DEFAULT_TOKENS = 100_000
@@ -183,12 +183,7 @@ def sampled_texts(
         torch.manual_seed(seed)
         while produced < n_tokens:
             starts = [rng.choice(SAMPLE_FIRST_WORDS) for _ in range(batch_size)]
-            side = tokenizer.padding_side
-            tokenizer.padding_side = "left"
-            try:
-                enc = tokenizer(starts, return_tensors="pt", padding=True).to(device)
-            finally:
-                tokenizer.padding_side = side
+            enc = left_padded(tokenizer, starts, device)
             out = model.generate(**enc, do_sample=True, top_k=50, max_new_tokens=length, pad_token_id=pad)
             for row in out[:, enc["input_ids"].shape[1] :]:
                 text = tokenizer.decode(row, skip_special_tokens=True).strip()

@@ -45,7 +45,7 @@ from torch import nn
 from ..arch import ArchitectureError, architecture
 from ..editor import Editor, register
 from ..hooks import Trace
-from ..lm import prompt_ids, target_ids
+from ..lm import left_padded, prompt_ids, target_ids
 from ..patch import Delta, linear_delta
 from ..requests import EditRequest, EditRequestError
 from ..stats import forward_until, second_moments
@@ -66,12 +66,7 @@ def generate_prefixes(model: nn.Module, tokenizer, n: int, tokens: int, seed: in
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     starts = [PREFIX_FIRST_WORDS[i % len(PREFIX_FIRST_WORDS)] for i in range(n)]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(starts, return_tensors="pt", padding=True).to(device)
-    finally:
-        tokenizer.padding_side = side
+    enc = left_padded(tokenizer, starts, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=tokens, pad_token_id=pad)
