@@ -18,6 +18,15 @@ H, FF = 32, 64  # hidden and MLP sizes of the tiny models (different, so project
 def tiny_configs() -> dict[str, object]:
     """name -> config of a 2-block model with hidden size H and MLP size FF."""
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=1, pad_token_id=0, initializer_range=0.1)
+    # the keyword names that Llama-style configs (and GPT-NeoX, Phi) share
+    decoder = dict(
+        num_hidden_layers=2,
+        hidden_size=H,
+        intermediate_size=FF,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        **common,
+    )
     return {
         "gpt2": tf.GPT2Config(n_layer=2, n_embd=H, n_head=2, n_inner=FF, n_positions=128, **common),
         "gptj": tf.GPTJConfig(
@@ -32,14 +41,7 @@ def tiny_configs() -> dict[str, object]:
             max_position_embeddings=128,
             **common,
         ),
-        "gpt_neox": tf.GPTNeoXConfig(
-            num_hidden_layers=2,
-            hidden_size=H,
-            num_attention_heads=2,
-            intermediate_size=FF,
-            max_position_embeddings=128,
-            **common,
-        ),
+        "gpt_neox": tf.GPTNeoXConfig(**decoder),
         "opt": tf.OPTConfig(
             num_hidden_layers=2,
             hidden_size=H,
@@ -49,52 +51,11 @@ def tiny_configs() -> dict[str, object]:
             max_position_embeddings=128,
             **common,
         ),
-        "llama": tf.LlamaConfig(
-            num_hidden_layers=2,
-            hidden_size=H,
-            intermediate_size=FF,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            tie_word_embeddings=True,
-            max_position_embeddings=128,
-            **common,
-        ),
-        "mistral": tf.MistralConfig(
-            num_hidden_layers=2,
-            hidden_size=H,
-            intermediate_size=FF,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=128,
-            **common,
-        ),
-        "qwen2": tf.Qwen2Config(
-            num_hidden_layers=2,
-            hidden_size=H,
-            intermediate_size=FF,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=128,
-            **common,
-        ),
-        "gemma": tf.GemmaConfig(
-            num_hidden_layers=2,
-            hidden_size=H,
-            intermediate_size=FF,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            max_position_embeddings=128,
-            **common,
-        ),
-        "phi": tf.PhiConfig(
-            num_hidden_layers=2,
-            hidden_size=H,
-            intermediate_size=FF,
-            num_attention_heads=2,
-            max_position_embeddings=128,
-            **common,
-        ),
+        "llama": tf.LlamaConfig(**decoder, num_key_value_heads=1, tie_word_embeddings=True),
+        "mistral": tf.MistralConfig(**decoder, num_key_value_heads=1),
+        "qwen2": tf.Qwen2Config(**decoder, num_key_value_heads=1),
+        "gemma": tf.GemmaConfig(**decoder, num_key_value_heads=1, head_dim=16),
+        "phi": tf.PhiConfig(**decoder),
         "t5": tf.T5Config(
             d_model=H, d_ff=FF, d_kv=8, num_layers=2, num_heads=2, decoder_start_token_id=0, **common
         ),
