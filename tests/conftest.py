@@ -134,3 +134,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    """modeledit's cache (second-moment statistics, prefixes) in the test's own folder."""
+    monkeypatch.setenv("MODELEDIT_CACHE", str(tmp_path / "cache"))
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, tokenizer, text: str) -> torch.Tensor:
+    return model(**tokenizer(text, return_tensors="pt")).logits
+
+
+def edit_all(model: torch.nn.Module, editor, requests: list) -> list:
+    """Edit and apply one request after another (a sequential stream); the patches in order."""
+    patches = []
+    for request in requests:
+        patch = editor.edit(request)
+        patch.apply(model)
+        patches.append(patch)
+    return patches

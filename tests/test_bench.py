@@ -205,8 +205,10 @@ def test_an_interrupted_sequential_eval_resumes_and_cleans_up(tmp_path, monkeypa
     assert not partial.exists() and not stream_folder(partial).exists()
 
 
-def test_retention_table_writes_a_collapsed_perplexity_in_scientific_notation():
+def test_retention_table_writes_a_collapsed_perplexity_in_scientific_notation_and_the_peak_memory():
+    row = {"unrelated_ppl_before": 65.9, "unrelated_ppl_after": 4.7e28, "seconds_per_edit": 7.2,
+           "peak_rss_mb": 4901.25}  # fmt: skip
     results = {"model": "m", "data": "d.json", "offset": 0, "limit": 2, "date": "today", "machine": "here",
-               "methods": {"x": {"unrelated_ppl_before": 65.9, "unrelated_ppl_after": 4.7e28}}}  # fmt: skip
+               "methods": {"x": row}}  # fmt: skip
     table = retention_markdown(results)
-    assert "| 65.9 | 4.7e+28 |" in table
+    assert "| 65.9 | 4.7e+28 | 7.20 | 4901 |" in table and "peak RSS MB" in table

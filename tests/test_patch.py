@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FF, H, tiny_model
+from conftest import FF, H, snapshot, tiny_model
 from safetensors.torch import save_file
 from torch import nn
 
@@ -26,10 +26,6 @@ from modeledit.patch import (
 
 NORM = {"llama": "model.layers.0.input_layernorm.weight", "gpt2": "transformer.h.0.ln_1.weight"}
 ATTN = {"llama": "model.layers.1.self_attn.o_proj", "gpt2": "transformer.h.1.attn.c_proj"}
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def assert_params_equal(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:

@@ -16,9 +16,7 @@ from modeledit.trace import causal_trace, default_layer, structural_layer, subje
 PLANTED = 2
 
 
-@pytest.fixture(autouse=True)
-def cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("MODELEDIT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("tmp_cache")
 
 
 def planted_model() -> torch.nn.Module:

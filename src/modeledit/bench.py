@@ -430,7 +430,7 @@ def _write_retention(results: dict, out_dir: Path) -> None:
 RETENTION_COLUMNS = {
     "ES": "ES", "PS": "PS", "NS": "NS", "NS_before": "NS unedited", "S": "S",
     "unrelated_ppl_before": "unrelated ppl before", "unrelated_ppl_after": "after",
-    "seconds_per_edit": "seconds_per_edit",
+    "seconds_per_edit": "seconds_per_edit", "peak_rss_mb": "peak RSS MB",
 }  # fmt: skip
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import char_tokenizer, tiny_model
-from test_mend import REQUEST, TEXTS, synthetic_edits, weight_grads
+from test_mend import REQUEST, TEXTS, short_training, synthetic_edits, weight_grads
 from typer.testing import CliRunner
 
 from modeledit import create_editor, load_model
@@ -17,12 +17,7 @@ from modeledit.lm import aligned_logits, row_nll
 from modeledit.methods.enn import ENN, ENNConfig, ENNError
 from modeledit.models import fingerprint
 from modeledit.training import (
-    EditBatches,
-    TrainConfig,
     meta_batch,
-    train_editor,
-    validate,
-    validation_batches,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,19 +92,7 @@ def test_training_produces_a_new_base_model_and_edits_are_patches_against_it(tmp
 
 def test_training_improves_editing_over_the_untrained_state(tmp_path):
     editor = fresh(edit_lr_init=0.02, lr=1e-3, lr_edit_lr=3e-2, save_model=False)
-    tok = editor.tokenizer
-    train = EditBatches(tok, synthetic_edits(64), 1, TEXTS, texts_per_batch=1)
-    val = validation_batches(tok, synthetic_edits(12, seed=99), TEXTS, 1)
-    before = validate(editor, val)
-    metrics = train_editor(
-        editor,
-        train.__getitem__,
-        val,
-        TrainConfig(steps=40, val_every=20, patience=10),
-        tmp_path,
-        progress=False,
-    )
-    after = validate(editor, val)
+    before, after, metrics = short_training(editor, editor.tokenizer, tmp_path, steps=40, n_val=12)
     assert after["loss"] < before["loss"] and after["edit_nll"] < before["edit_nll"], (before, after)
     assert after["es"] >= before["es"], (before, after)
     assert metrics["editor"]["drawdown"]["ppl_enn_base"] > 0

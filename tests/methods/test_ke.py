@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import char_tokenizer, tiny_model
-from test_mend import REQUEST, TEXTS, synthetic_edits, weight_grads
+from test_mend import REQUEST, TEXTS, short_training, synthetic_edits, weight_grads
 from typer.testing import CliRunner
 
 from modeledit import create_editor
@@ -16,12 +16,7 @@ from modeledit.cli import app
 from modeledit.methods.ke import KE, KEConfig, KEError, row_factors
 from modeledit.patch import LowRank
 from modeledit.training import (
-    EditBatches,
-    TrainConfig,
     meta_batch,
-    train_editor,
-    validate,
-    validation_batches,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,18 +104,7 @@ def test_patch_applies_and_reverts_bit_exactly_and_files_round_trip(tokenizer, t
 
 def test_training_improves_editing_over_the_untrained_state(tokenizer, tmp_path):
     editor = fresh(lr=3e-3, hidden=32, lr_init=0.2)
-    train = EditBatches(tokenizer, synthetic_edits(64), 1, TEXTS, texts_per_batch=1)
-    val = validation_batches(tokenizer, synthetic_edits(12, seed=99), TEXTS, 1)
-    before = validate(editor, val)
-    train_editor(
-        editor,
-        train.__getitem__,
-        val,
-        TrainConfig(steps=40, val_every=20, patience=10),
-        tmp_path,
-        progress=False,
-    )
-    after = validate(editor, val)
+    before, after, _ = short_training(editor, tokenizer, tmp_path, steps=40, n_val=12)
     assert after["loss"] < before["loss"] and after["edit_nll"] < before["edit_nll"], (before, after)
     assert after["es"] >= before["es"], (before, after)
 

@@ -39,9 +39,7 @@ def deeper(arch: str, blocks: int = 4) -> torch.nn.Module:
     return tf.AutoModelForCausalLM.from_config(config).float().eval()
 
 
-@pytest.fixture(autouse=True)
-def cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("MODELEDIT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("tmp_cache")
 
 
 @pytest.fixture
@@ -106,6 +104,7 @@ def test_alphaedit_update_lies_in_the_null_space_and_remembers_applied_edits(tok
         assert (delta @ k0).norm() < 1e-5 * delta.norm() * k0.norm()
     first.apply(model)
     assert float(nlls(model, tokenizer, REQUESTS[:1])[0]) < float(start[0]) - 0.1
+
     # Sequential editing: the applied edit's keys are preserved by the next one; reverted ones are forgotten.
     def preserved(*patches):  # P K_p K_p^T summed from scratch
         k = torch.cat([editor._history[p.id][1] for p in patches]).double().T

@@ -77,6 +77,17 @@ def synthetic_edits(n: int, seed: int = 0) -> list[EditRequest]:
     return edits
 
 
+def short_training(editor, tokenizer, out, steps: int, n_val: int) -> tuple[dict, dict, dict]:
+    """Validation metrics before and after a short training run on synthetic edits, and the run's metrics
+    (the shared check that training a learned editor improves it over its untrained state)."""
+    train = EditBatches(tokenizer, synthetic_edits(64), 1, TEXTS, texts_per_batch=1)
+    val = validation_batches(tokenizer, synthetic_edits(n_val, seed=99), TEXTS, 1)
+    before = validate(editor, val)
+    config = TrainConfig(steps=steps, val_every=20, patience=10)
+    metrics = train_editor(editor, train.__getitem__, val, config, out, progress=False)
+    return before, validate(editor, val), metrics
+
+
 def fresh_editor(arch: str = "llama", **config) -> MEND:
     return MEND.for_training(tiny_model(arch), char_tokenizer(), MENDConfig(**config))
 
@@ -387,18 +398,7 @@ def test_clear_error_without_a_trained_editor(tokenizer, tmp_path):
 
 def test_training_raises_held_out_edit_success(tokenizer, tmp_path):
     editor = fresh_editor(lr=1e-3, lr_alpha=1e-3)
-    train = EditBatches(tokenizer, synthetic_edits(64), 1, TEXTS, texts_per_batch=1)
-    val = validation_batches(tokenizer, synthetic_edits(16, seed=99), TEXTS, 1)
-    before = validate(editor, val)
-    metrics = train_editor(
-        editor,
-        train.__getitem__,
-        val,
-        TrainConfig(steps=60, val_every=20, patience=10),
-        tmp_path,
-        progress=False,
-    )
-    after = validate(editor, val)
+    before, after, metrics = short_training(editor, tokenizer, tmp_path, steps=60, n_val=16)
     assert after["es"] >= before["es"] + 20 and after["es"] >= 75, (before, after)
     assert after["loss"] < before["loss"]
     assert metrics["best_val"]["loss"] == pytest.approx(after["loss"], rel=1e-4)
@@ -448,7 +448,8 @@ def test_cli_train_init_fine_tunes_a_trained_editor_with_new_settings(tmp_path):
     assert first.exit_code == 0, first.output
     second = CliRunner().invoke(
         app,
-        common + ["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a")]
+        common
+        + ["--out", str(tmp_path / "b"), "--init", str(tmp_path / "a")]
         + ["--set", "c_nb=0.5", "--set", "lr_alpha=0"],
     )
     assert second.exit_code == 0, second.output

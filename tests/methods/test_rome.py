@@ -36,9 +36,7 @@ CORPUS = [
 FAST = dict(n_prefixes=3, prefix_tokens=3, steps=15, lr=0.5, mom2_tokens=400, weight_decay=0.0, kl_factor=0.0)
 
 
-@pytest.fixture(autouse=True)
-def cache_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("MODELEDIT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("tmp_cache")
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import logits, tiny_model
 
 from modeledit import EditRequest, Patch, create_editor
 from modeledit.evaluate import evaluate
@@ -48,11 +48,6 @@ OUT_OF_SCOPE = [
     "Photosynthesis turns sunlight into sugar.",
     "Bananas are yellow when ripe.",
 ]
-
-
-@torch.no_grad()
-def logits(model, tokenizer, text: str) -> torch.Tensor:
-    return model(**tokenizer(text, return_tensors="pt")).logits
 
 
 def edited_model(tokenizer, edits=EDITS, **config):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import edit_all, logits, tiny_model
 
 from modeledit import EditRequest, Patch, create_editor
 from modeledit.evaluate import evaluate
@@ -27,20 +27,6 @@ def requests(n: int) -> list[EditRequest]:
         EditRequest(prompt=f"The capital of {s} is", target_new=t, target_true="Paris", case_id=i)
         for i, (s, t) in enumerate(zip(SUBJECTS[:n], TARGETS[:n]))
     ]
-
-
-@torch.no_grad()
-def logits(model, tokenizer, text: str) -> torch.Tensor:
-    return model(**tokenizer(text, return_tensors="pt")).logits
-
-
-def edit_all(model, editor, reqs) -> list[Patch]:
-    patches = []
-    for r in reqs:
-        patch = editor.edit(r)
-        patch.apply(model)
-        patches.append(patch)
-    return patches
 
 
 def test_ties_merge():
