@@ -77,6 +77,8 @@ def test_compare_tabulates_success_and_drawdown_per_batch_size(tmp_path):
     table = (out / "compare.md").read_text()
     assert "| ft |" in table and "ES (k=2)" in table and "mend (k=1) not available" in table
     assert "k=2 on the first 2 of the 3 records" in table
+    ns = results["methods"]["ft"]["1"]["NS_before"]  # the second table: PS, NS (and unedited), speed
+    assert "| NS unedited | PS (k=1) | NS (k=1) | s/edit (k=1) |" in table and f"| ft | {ns:.1f} |" in table
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     sizes = args.index("--batch-sizes") + 1
     again = [*args[:sizes], "1,2,3", *args[sizes + 1 :], "--tabulate-only"]

@@ -235,6 +235,9 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
 COMPARE_BATCHES = (1, 5, 25, 75)
 COMPARE_COLUMNS = ("ES", "drawdown_acc", "drawdown_ppl_geo")
 COMPARE_LABELS = {"ES": "ES", "drawdown_acc": "acc DD", "drawdown_ppl_geo": "ppl DD"}
+# the second table: generalisation, locality and speed of the same runs
+COMPARE_MORE = ("PS", "NS", "seconds_per_edit")
+COMPARE_MORE_LABELS = {"PS": "PS", "NS": "NS", "seconds_per_edit": "s/edit"}
 
 
 def eval_command_with_editor(
@@ -270,7 +273,7 @@ def run_compare(
         if k > 1:
             command += ["--mode", "batch", "--batch-size", str(k)]
         result, rss = run_eval(command, out, resume, tabulate_only)
-        keep = (*COMPARE_COLUMNS, "drawdown_ppl", "PS", "NS", "seconds_per_edit", "n")
+        keep = (*COMPARE_COLUMNS, *COMPARE_MORE, "drawdown_ppl", "NS_before", "n")
         summary = result.get("summary")
         if summary and "drawdown_ppl_geo" not in summary:  # results of an eval before it reported it
             from .evaluate import geometric_drawdown  # (imports torch: only when needed)
@@ -298,25 +301,38 @@ def run_compare(
 def compare_markdown(results: dict) -> str:
     sizes = [str(k) for k in results["batch_sizes"]]
 
-    def cells(row: dict) -> list[str]:
-        out = []
-        for k in sizes:
-            cell = row.get(k, {})
-            for c in COMPARE_COLUMNS:
-                value = None if "error" in cell else cell.get(c)
-                out.append("n/a" if "error" in cell else _fmt(value, c))
-        return out
+    def cells(columns: tuple[str, ...]) -> Callable[[dict], list[str]]:
+        def row_cells(row: dict) -> list[str]:
+            out = []
+            for k in sizes:
+                cell = row.get(k, {})
+                out += ["n/a" if "error" in cell else _fmt(cell.get(c), c) for c in columns]
+            return out
+
+        return row_cells
+
+    def unedited_ns(row: dict) -> list[str]:  # the model each method edits (ENN: its own base)
+        known = [cell["NS_before"] for cell in row.values() if cell.get("NS_before") is not None]
+        return [_fmt(known[0] if known else None, "NS")]
+
+    def head(labels: dict[str, str]) -> list[str]:
+        return [f"{labels[c]} (k={k})" for k in sizes for c in labels]
 
     lines = [
         f"{_source(results)}, {results['date']}, {results['machine']}. k = edits applied together (k=1: "
         "single edits). ES: edit success (x100); acc DD: drop of neighbourhood accuracy (points); ppl DD: "
         "relative increase of neighbourhood perplexity (geometric mean over records).",
         "",
+        *_table(["method", *head(COMPARE_LABELS)], results["methods"], cells(COMPARE_COLUMNS)),
+        "",
+        "The same runs: PS: paraphrase success; NS: neighbourhood success (unedited: before the edits, on "
+        "the model the method edits); s/edit: seconds per edit (a batch's time / k).",
+        "",
         *_table(
-            ["method"] + [f"{COMPARE_LABELS[c]} (k={k})" for k in sizes for c in COMPARE_COLUMNS],
+            ["method", "NS unedited", *head(COMPARE_MORE_LABELS)],
             results["methods"],
-            cells,
-        ),  # fmt: skip
+            lambda row: unedited_ns(row) + cells(COMPARE_MORE)(row),
+        ),
     ]
     limit = results["limit"]
     fewer = [k for k in results["batch_sizes"] if whole_batches(limit, k) < limit]
