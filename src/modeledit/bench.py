@@ -233,11 +233,11 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
 # -- compare: the MEND paper's Tables 4 and 5 (edit success and drawdown, single edits and batches) ------
 
 COMPARE_BATCHES = (1, 5, 25, 75)
-COMPARE_COLUMNS = ("ES", "drawdown_acc", "drawdown_ppl_geo")
 COMPARE_LABELS = {"ES": "ES", "drawdown_acc": "acc DD", "drawdown_ppl_geo": "ppl DD"}
+COMPARE_COLUMNS = tuple(COMPARE_LABELS)
 # the second table: generalisation, locality and speed of the same runs
-COMPARE_MORE = ("PS", "NS", "seconds_per_edit")
 COMPARE_MORE_LABELS = {"PS": "PS", "NS": "NS", "seconds_per_edit": "s/edit"}
+COMPARE_MORE = tuple(COMPARE_MORE_LABELS)
 
 
 def eval_command_with_editor(
