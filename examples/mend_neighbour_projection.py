@@ -13,16 +13,18 @@ import argparse
 import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from modeledit.arch import is_transposed
 from modeledit.editor import create_editor
 from modeledit.hooks import Trace
-from modeledit.methods.mend import gradient_factors
+from modeledit.lm import text_batch
 from modeledit.metrics import record_metrics, score_request, summarize
 from modeledit.models import load_model
-from modeledit.patch import linear_delta
+from modeledit.patch import LowRank
 from modeledit.requests import load_requests
 from modeledit.stats import forward_until
 
@@ -48,88 +50,84 @@ SUBJECTS = [
 
 @torch.no_grad()
 def neighbour_keys(model, tokenizer, template, modules, subjects, last_only):
-    prompts = [template.format(s) for s in subjects]
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    """{module: inputs (N, in)} of the stand-in prompts, at every token or at each prompt's last token."""
+    batch = text_batch(tokenizer, [template.format(s) for s in subjects])  # right-padded
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with Trace(model, modules, capture_input=True, capture_output=False, detach=True) as tr:
-        forward_until(
-            model, modules[-1], {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        )
-    mask = enc["attention_mask"].bool()
+        forward_until(model, modules[-1], inputs)  # no later blocks, no LM head
+    mask = batch["attention_mask"].bool()
+    last = mask.sum(1) - 1
     keys = {}
     for m in modules:
-        x = tr[m].input  # (B, T, d)
-        if last_only:
-            # last real token per row (right padding assumed)
-            idx = mask.sum(1) - 1
-            if tokenizer.padding_side == "left":
-                idx = torch.full_like(idx, x.shape[1] - 1)
-            keys[m] = x[torch.arange(x.shape[0]), idx].float()
-        else:
-            keys[m] = x[mask].float()
+        x = tr[m].input  # (B, T, in)
+        keys[m] = (x[torch.arange(x.shape[0]), last] if last_only else x[mask]).float()
     return keys
 
 
-def project(right, K, lam):
-    # right: (n, in); K: (N, in) keys. right @ (I - K^T (K K^T + lam I)^-1 K)
+def project(right: torch.Tensor, K: torch.Tensor, lam: float) -> torch.Tensor:
+    """right (I - K^T (K K^T + lam' I)^-1 K) for right (rank, in), keys K (N, in); lam' = lam x mean |k|^2."""
     G = K @ K.T
     lam_abs = lam * G.diagonal().mean()
     A = torch.linalg.solve(G + lam_abs * torch.eye(G.shape[0]), K)  # (N, in)
     return right - (right @ K.T) @ A
 
 
-def main():
-    p = argparse.ArgumentParser()
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=Path("../shared/data/counterfact/dev.json"))
     p.add_argument("--offset", type=int, default=500)
     p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--variants", default="base:0:0:2.0")  # name:lam:last_only:scale,...
-    p.add_argument("--nsub", type=int, default=16)
-    p.add_argument("--out", default="runs/nbproj.json")
+    p.add_argument("--variants", default="shipped:0:0:2.0:0,stand-ins8:1.0:0:2.0:8")
+    p.add_argument("--out", type=Path, default=Path("runs/neighbour_projection.json"))
     a = p.parse_args()
-    torch.set_grad_enabled(True)
+    torch.set_grad_enabled(True)  # the editor needs the edit's gradient
     model, tok = load_model("default")
-    editor = create_editor("mend", model, tok, alpha_scale=1.0)
+    editor = create_editor("mend", model, tok, alpha_scale=1.0)  # each variant's scale alone
     modules = list(editor.network.shapes)
     variants = []
     for v in a.variants.split(","):
-        name, lam, last, scale, nsub = v.split(":")
-        variants.append((name, float(lam), bool(int(last)), float(scale), int(nsub)))
-    reqs = load_requests("../shared/data/counterfact/dev.json", offset=a.offset, limit=a.limit)
-    res = {n: [] for n, *_ in variants}
+        name, lam, last, scale, n_subjects = v.split(":")
+        variants.append((name, float(lam), bool(int(last)), float(scale), int(n_subjects)))
+    requests = load_requests(a.data, offset=a.offset, limit=a.limit)
+    edited: dict[str, list[dict]] = {name: [] for name, *_ in variants}
     unedited = []
-    t_keys = 0.0
-    for r in tqdm(reqs):
+    seconds_keys = 0.0
+    for r in tqdm(requests, desc="records"):
         unedited.append(record_metrics(score_request(model, tok, r)))
-        factors = gradient_factors(model, editor.task, [r], modules)
-        with torch.no_grad():
-            updates = editor.network(factors)
-        t0 = time.perf_counter()
-        keys = {}
-        for lo, ns in {(v[2], v[4]) for v in variants if v[1] > 0}:
-            keys[lo, ns] = neighbour_keys(model, tok, r.template, modules, SUBJECTS[:ns], lo)
-        t_keys += time.perf_counter() - t0
-        patch0 = editor.edit([r])
-        for name, lam, last, scale, ns in variants:
+        patch = editor.edit([r])  # the gradient pass, once per record: low-rank deltas a @ b
+        start = time.perf_counter()
+        keys = {
+            (last, n): neighbour_keys(model, tok, r.template, modules, SUBJECTS[:n], last)
+            for _, lam, last, _, n in variants
+            if lam > 0
+        }
+        seconds_keys += time.perf_counter() - start
+        for name, lam, last, scale, n in variants:
             deltas = {}
-            for m, (left, right) in updates.items():
+            for pname, d in patch.deltas.items():
+                m = pname.removesuffix(".weight")
+                transposed = is_transposed(model.get_submodule(m))  # GPT-2 Conv1D: (in, out) storage
+                right = d.a.T if transposed else d.b  # (rank, in)
                 if lam > 0:
-                    right = project(right, keys[last, ns][m], lam)
-                n, d = linear_delta(model, m, scale * left, right)
-                deltas[n] = d
-            patch = replace(patch0, deltas=deltas).apply(model)
+                    right = project(right, keys[last, n][m], lam)
+                deltas[pname] = LowRank(scale * right.T, d.b) if transposed else LowRank(scale * d.a, right)
+            scaled = replace(patch, deltas=deltas).apply(model)
             try:
-                res[name].append(record_metrics(score_request(model, tok, r)))
+                edited[name].append(record_metrics(score_request(model, tok, r)))
             finally:
-                patch.revert(model)
-    print(f"none NS {summarize(unedited)['NS']:.2f}; key time {t_keys / len(reqs):.3f}s/record")
-    out = {}
-    for name, recs in res.items():
-        s = summarize(recs)
-        out[name] = {k: s[k] for k in ("ES", "PS", "NS", "S")}
-        print(f"{name:20s} " + " ".join(f"{k} {s[k]:6.2f}" for k in ("ES", "PS", "NS", "S")), flush=True)
-    json.dump(
-        {"none_NS": summarize(unedited)["NS"], "variants": out, "per_record": {"unedited": unedited} | res},
-        open(a.out, "w"),
-    )
+                scaled.revert(model)
+    none_ns = summarize(unedited)["NS"]
+    per_record = seconds_keys / len(requests)
+    print(f"NS of the unedited model {none_ns:.2f}; stand-in keys {per_record:.3f} s per record")
+    rows = {}
+    for name, records in edited.items():
+        summary = summarize(records)
+        rows[name] = {k: summary[k] for k in ("ES", "PS", "NS", "S")}
+        print(f"{name:20s} " + " ".join(f"{k} {summary[k]:6.2f}" for k in ("ES", "PS", "NS", "S")))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"NS_unedited": none_ns, "variants": rows, "per_record": {"unedited": unedited} | edited}
+    a.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":
