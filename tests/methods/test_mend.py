@@ -23,6 +23,7 @@ from modeledit.methods.mend import (
     MENDConfig,
     combine,
     gradient_factors,
+    project_away,
 )
 from modeledit.patch import LowRank
 from modeledit.tasks import LanguageModelTask
@@ -325,6 +326,108 @@ def test_folding_the_scale_into_the_alphas_keeps_the_edit_and_is_what_train_init
     folded = editor.compute_deltas([REQUEST])
     for name in scaled:
         torch.testing.assert_close(folded[name].dense(), scaled[name].dense())
+
+
+def test_project_away_solves_the_smaller_system_and_removes_the_keys():
+    torch.manual_seed(0)
+    right = torch.randn(3, 16, dtype=torch.float64)
+    for n in (5, 40):  # fewer keys than inputs (N x N system) and more (in x in system)
+        keys = torch.randn(n, 16, dtype=torch.float64)
+        lam = 0.5 * keys.pow(2).sum(1).mean()
+        eye = torch.eye(16, dtype=torch.float64)
+        expected = right @ (
+            eye - keys.T @ torch.linalg.inv(keys @ keys.T + lam * torch.eye(n).double()) @ keys
+        )
+        torch.testing.assert_close(project_away(right, keys, 0.5), expected)
+    keys = torch.randn(5, 16, dtype=torch.float64)
+    kept = project_away(right, keys, 1e-9)
+    assert (kept @ keys.T).abs().max() < 1e-6 * (right @ keys.T).abs().max()  # the keys' directions are gone
+    assert kept.norm() > 0.5 * right.norm()  # the rest of the update stays
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D stores W as (in, out)
+def test_stand_in_protection_leaves_the_stand_ins_layer_outputs_and_keeps_the_patch_low_rank(arch, tokenizer):
+    editor = fresh_editor(arch, alpha_init=1e-2)
+    editor.training_loss(meta_batch(tokenizer, [REQUEST], TEXTS))  # non-trivial normalisation statistics
+    plain = editor.compute_deltas([REQUEST])
+    editor.config.protect_neighbours, editor.config.protect_ridge = 1, 1e-6
+    keys = editor.stand_in_keys([REQUEST])
+    assert list(editor._stand_in_cache)[0][0] == "The capital of Barack Obama is"
+    protected = editor.compute_deltas([REQUEST])
+    transposed = arch == "gpt2"
+    for m in editor.network.shapes:
+        name = f"{m}.weight"
+        assert protected[name].a.shape == plain[name].a.shape  # same rank: still a small low-rank patch
+        before, after = plain[name].dense(), protected[name].dense()
+        if transposed:
+            before, after = before.T, after.T
+        k = keys[m].double()
+        moved_before, moved_after = (
+            before.double() @ k.T,
+            after.double() @ k.T,
+        )  # change of the layer's output
+        assert moved_after.abs().max() < 1e-3 * moved_before.abs().max(), m
+        assert after.norm() > 1e-3 * before.norm(), f"{m}: the edit itself was projected away"
+
+
+def test_no_stand_ins_is_the_paper_update_exactly_and_requests_without_subject_are_not_protected(tokenizer):
+    editor = fresh_editor(alpha_init=1e-2)
+    editor.training_loss(meta_batch(tokenizer, [REQUEST], TEXTS))
+    paper = editor.compute_deltas([REQUEST])
+    no_subject = EditRequest(prompt="The capital of Zorbia is", target_new="Quux")
+    paper_no_subject = editor.compute_deltas([no_subject])
+    for n in (None, 0):
+        editor.config.protect_neighbours = n
+        assert all(
+            torch.equal(d.dense(), paper[k].dense()) for k, d in editor.compute_deltas([REQUEST]).items()
+        )
+    editor.config.protect_neighbours = 4
+    assert editor.stand_in_keys([no_subject]) is None
+    deltas = editor.compute_deltas([no_subject])
+    assert all(torch.equal(d.dense(), paper_no_subject[k].dense()) for k, d in deltas.items())
+    changed = editor.compute_deltas([REQUEST])
+    assert any(not torch.equal(d.dense(), paper[k].dense()) for k, d in changed.items())
+
+
+def test_stand_ins_skip_the_edit_s_own_subject_and_their_keys_follow_the_applied_patches(tokenizer):
+    editor = fresh_editor(alpha_init=1e-2, protect_neighbours=2)
+    editor.training_loss(meta_batch(tokenizer, [REQUEST], TEXTS))
+    about_paris = EditRequest(prompt="{} is in", subject="Paris", target_new="Rome")
+    first = editor.stand_in_keys([about_paris])
+    assert [p for p, _ in editor._stand_in_cache] == ["Barack Obama is in", "Toyota is in"]
+    assert all(torch.equal(first[m], k) for m, k in editor.stand_in_keys([about_paris]).items())  # cached
+    patch = editor.edit([REQUEST]).apply(editor.model)
+    moved = editor.stand_in_keys([about_paris])  # other weights, other keys (after the first edited layer)
+    assert any(not torch.equal(first[m], k) for m, k in moved.items())
+    patch.revert(editor.model)
+    assert all(torch.equal(first[m], k) for m, k in editor.stand_in_keys([about_paris]).items())
+
+
+def test_protection_settings_are_saved_and_the_user_s_choice_wins(tokenizer, tmp_path):
+    editor = fresh_editor(alpha_init=1e-2, protect_neighbours=3, protect_ridge=0.5)
+    editor.save(tmp_path)
+    loaded = MEND(editor.model, tokenizer, MENDConfig(editor_path=str(tmp_path)))
+    assert (loaded.config.protect_neighbours, loaded.config.protect_ridge) == (3, 0.5)
+    chosen = MEND(editor.model, tokenizer, MENDConfig(editor_path=str(tmp_path), protect_neighbours=0))
+    assert (chosen.config.protect_neighbours, chosen.config.protect_ridge) == (0, 0.5)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [({"protect_neighbours": 99}, "from 0 to 16"), ({"protect_neighbours": 2, "protect_ridge": -1.0}, "> 0")],
+)
+def test_bad_protection_settings_are_clear_errors(tokenizer, setting, message):
+    editor = fresh_editor(**setting)
+    with pytest.raises(ValueError, match=message):
+        editor.edit([REQUEST])
+
+
+def test_protection_is_a_clear_error_for_seq2seq_models(tokenizer):
+    editor = fresh_editor("t5", protect_neighbours=2)
+    with pytest.raises(ValueError, match="decoder-only"):
+        editor.edit([REQUEST])
+    editor.config.protect_neighbours = 0
+    assert editor.edit([REQUEST]).deltas  # the paper's update still works
 
 
 def test_combined_editors_sum_their_scaled_updates_and_round_trip(tokenizer, tmp_path):

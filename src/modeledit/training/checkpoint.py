@@ -60,7 +60,10 @@ def read_editor_files(
     return meta, load_file(str(weights))
 
 
-def with_saved_hparams(config, meta: dict):
-    """The config with the hyperparameters an editor was trained with (all but its path)."""
+def with_saved_hparams(config, meta: dict, keep: tuple[str, ...] = ()):
+    """The config with the hyperparameters an editor was trained with (all but its path); the fields in
+    ``keep`` (edit-time settings) keep the config's own value unless it is None."""
     known = {f.name for f in dataclasses.fields(config)} - {"editor_path"}
-    return dataclasses.replace(config, **{k: v for k, v in meta["hparams"].items() if k in known})
+    chosen = {k for k in keep if getattr(config, k) is not None}
+    saved = {k: v for k, v in meta["hparams"].items() if k in known - chosen}
+    return dataclasses.replace(config, **saved)
