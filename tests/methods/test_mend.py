@@ -403,6 +403,16 @@ def test_stand_ins_skip_the_edit_s_own_subject_and_their_keys_follow_the_applied
     assert all(torch.equal(first[m], k) for m, k in editor.stand_in_keys([about_paris]).items())
 
 
+def test_a_batch_with_more_stand_in_prompts_than_the_cache_keeps_is_protected(tokenizer, monkeypatch):
+    editor = fresh_editor(alpha_init=1e-2, protect_neighbours=2)
+    full = editor.stand_in_keys([REQUEST])  # two prompts, both cached
+    monkeypatch.setattr("modeledit.methods.mend.STAND_IN_CACHE", 1)
+    editor._stand_in_cache.clear()
+    keys = editor.stand_in_keys([REQUEST])
+    assert len(editor._stand_in_cache) == 1
+    assert all(torch.equal(keys[m], full[m]) for m in full)  # both prompts' keys, though one is evicted
+
+
 def test_protection_settings_are_saved_and_the_user_s_choice_wins(tokenizer, tmp_path):
     editor = fresh_editor(alpha_init=1e-2, protect_neighbours=3, protect_ridge=0.5)
     editor.save(tmp_path)

@@ -373,9 +373,10 @@ class MEND(Editor):
                 cache[prompt, state] = {m: tr[m].input[i, : lengths[i]].float() for m in modules}
         for p in prompts:
             cache.move_to_end((p, state))
-        while len(cache) > STAND_IN_CACHE:
+        keys = {m: torch.cat([cache[p, state][m] for p in prompts]) for m in modules}
+        while len(cache) > STAND_IN_CACHE:  # after use: a batch may need more prompts than the cache keeps
             cache.popitem(last=False)
-        return {m: torch.cat([cache[p, state][m] for p in prompts]) for m in modules}
+        return keys
 
     # -- training (the trainer's learned-editor interface) ---------------------------------------------
     def fold_alpha_scale(self) -> None:
