@@ -333,8 +333,7 @@ class MEND(Editor):
 
         The stand-ins fill each request's template with the first ``protect_neighbours`` STAND_IN_SUBJECTS
         that are not a subject of the batch. Requests without a subject (in their prompt) are not protected.
-        The keys of a
-        prompt are kept (up to STAND_IN_CACHE prompts) while the same patches are applied to the model.
+        The keys of a prompt are kept (up to STAND_IN_CACHE prompts) while the same patches are applied.
         """
         n, ridge = self.config.protect_neighbours or 0, self.config.protect_ridge
         if not isinstance(n, int) or not 0 <= n <= len(STAND_IN_SUBJECTS):
@@ -369,8 +368,8 @@ class MEND(Editor):
             with Trace(self.model, modules, capture_input=True, capture_output=False, detach=True) as tr:
                 forward_until(self.model, modules[-1], inputs)  # no later blocks, no LM head
             lengths = batch["attention_mask"].sum(1).tolist()
-            for i, prompt in enumerate(missing):
-                cache[prompt, state] = {m: tr[m].input[i, : lengths[i]].float() for m in modules}
+            for i, prompt in enumerate(missing):  # copies: evicting a prompt frees its keys
+                cache[prompt, state] = {m: tr[m].input[i, : lengths[i]].float().clone() for m in modules}
         for p in prompts:
             cache.move_to_end((p, state))
         keys = {m: torch.cat([cache[p, state][m] for p in prompts]) for m in modules}
