@@ -1,8 +1,9 @@
 """Calibrate MEND's ``protect_neighbours`` / ``protect_ridge`` / ``alpha_scale`` on held-out records.
 
 Each record's update is computed once (no protection, scale 1), then for every variant its right factors are
-projected away from that many stand-ins' keys (``MEND.stand_in_keys``, ``project_away``), scaled, applied,
-scored and removed. Variants: name:ridge:scale:n_subjects, comma-separated.
+projected away from that many stand-ins' keys (``MEND.stand_in_prompts``, ``StandIns.keys``,
+``project_away``), scaled, applied, scored and removed. Variants: name:ridge:scale:n_subjects,
+comma-separated.
 
     python examples/mend_neighbour_projection.py --offset 600 --limit 100 \\
         --variants "paper:1.0:2.0:0,n8:1.0:2.0:8"
@@ -19,11 +20,11 @@ from tqdm.auto import tqdm
 
 from modeledit.arch import is_transposed
 from modeledit.editor import create_editor
-from modeledit.methods.mend import project_away
 from modeledit.metrics import record_metrics, score_request, summarize
 from modeledit.models import load_model
 from modeledit.patch import LowRank
 from modeledit.requests import load_requests
+from modeledit.stand_ins import project_away
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
         keys = {}
         for n in {n for *_, n in variants if n > 0}:
             editor.config.protect_neighbours = n
-            keys[n] = editor.stand_in_keys([r])
+            keys[n] = editor.stand_ins.keys(editor.stand_in_prompts([r]), list(editor.network.shapes))
         editor.config.protect_neighbours = 0
         seconds_keys += time.perf_counter() - start
         for name, ridge, scale, n in variants:

@@ -23,9 +23,9 @@ from modeledit.methods.mend import (
     MENDConfig,
     combine,
     gradient_factors,
-    project_away,
 )
 from modeledit.patch import LowRank
+from modeledit.stand_ins import SUBJECTS, StandIns, native_bfloat16, project_away
 from modeledit.tasks import LanguageModelTask
 from modeledit.training import (
     EditBatches,
@@ -351,8 +351,10 @@ def test_stand_in_protection_leaves_the_stand_ins_layer_outputs_and_keeps_the_pa
     editor.training_loss(meta_batch(tokenizer, [REQUEST], TEXTS))  # non-trivial normalisation statistics
     plain = editor.compute_deltas([REQUEST])
     editor.config.protect_neighbours, editor.config.protect_ridge = 1, 1e-6
-    keys = editor.stand_in_keys([REQUEST])
-    assert list(editor._stand_in_cache)[0][0] == "The capital of Barack Obama is"
+    editor.stand_ins.dtype = torch.float32  # exact keys (bfloat16 where native: close, not exact)
+    (prompt,) = editor.stand_in_prompts([REQUEST])
+    assert prompt.removeprefix("The capital of ").removesuffix(" is") in SUBJECTS
+    keys = editor.stand_ins.keys([prompt], list(editor.network.shapes))
     protected = editor.compute_deltas([REQUEST])
     transposed = arch == "gpt2"
     for m in editor.network.shapes:
@@ -382,35 +384,52 @@ def test_no_stand_ins_is_the_paper_update_exactly_and_requests_without_subject_a
             torch.equal(d.dense(), paper[k].dense()) for k, d in editor.compute_deltas([REQUEST]).items()
         )
     editor.config.protect_neighbours = 4
-    assert editor.stand_in_keys([no_subject]) is None
+    assert editor.stand_in_prompts([no_subject]) == []
     deltas = editor.compute_deltas([no_subject])
     assert all(torch.equal(d.dense(), paper_no_subject[k].dense()) for k, d in deltas.items())
     changed = editor.compute_deltas([REQUEST])
     assert any(not torch.equal(d.dense(), paper[k].dense()) for k, d in changed.items())
 
 
-def test_stand_ins_skip_the_edit_s_own_subject_and_their_keys_follow_the_applied_patches(tokenizer):
+def test_stand_ins_are_the_nearest_subjects_but_never_the_batch_s_own(tokenizer):
+    model = tiny_model("llama")
+    stand_ins = StandIns(model, tokenizer, pool=SUBJECTS[:40])
+    vectors = stand_ins._subject_vectors(list(stand_ins.pool))
+    own = stand_ins._subject_vectors(["Paris"])[0]
+    by_hand = [stand_ins.pool[i] for i in (vectors @ own).argsort(descending=True).tolist()]
+    assert by_hand[0] == "Paris"  # the pool's own entry: cosine 1
+    assert stand_ins.nearest("Paris", 3, exclude=set()) == by_hand[:3]
+    assert stand_ins.nearest("Paris", 3, exclude={"paris"}) == by_hand[1:4]  # case-insensitive
+    about_paris = EditRequest(prompt="{} is in", subject="Paris", target_new="Rome")
+    about_rome = EditRequest(prompt="{} lies in", subject="Rome", target_new="Oslo")
+    assert stand_ins.prompts([about_paris], 3) == [f"{s} is in" for s in by_hand[1:4]]
+    batch = stand_ins.prompts([about_paris, about_rome], 3)
+    assert len(batch) == 6 and not any(p.startswith(("Paris ", "Rome ")) for p in batch)  # the batch's own
+
+
+def test_stand_in_keys_are_each_prompt_s_inputs_at_the_current_weights(tokenizer):
     editor = fresh_editor(alpha_init=1e-2, protect_neighbours=2)
     editor.training_loss(meta_batch(tokenizer, [REQUEST], TEXTS))
-    about_paris = EditRequest(prompt="{} is in", subject="Paris", target_new="Rome")
-    first = editor.stand_in_keys([about_paris])
-    assert [p for p, _ in editor._stand_in_cache] == ["Barack Obama is in", "Toyota is in"]
-    assert all(torch.equal(first[m], k) for m, k in editor.stand_in_keys([about_paris]).items())  # cached
+    modules = list(editor.network.shapes)
+    stand_ins = editor.stand_ins
+    stand_ins.dtype = torch.float32
+    prompts = ["Paris is in", "Tokyo lies in"]
+    keys = stand_ins.keys(prompts, modules)
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    for m in modules:  # one row per token of each prompt, as each prompt alone gives them
+        assert keys[m].shape[0] == sum(lengths)
+        alone = torch.cat([stand_ins.keys([p], modules)[m] for p in prompts])
+        torch.testing.assert_close(keys[m], alone, atol=1e-5, rtol=1e-4)
     patch = editor.edit([REQUEST]).apply(editor.model)
-    moved = editor.stand_in_keys([about_paris])  # other weights, other keys (after the first edited layer)
-    assert any(not torch.equal(first[m], k) for m, k in moved.items())
+    moved = stand_ins.keys(prompts, modules)  # other weights, other keys (after the first edited layer)
+    assert any(not torch.equal(keys[m], k) for m, k in moved.items())
     patch.revert(editor.model)
-    assert all(torch.equal(first[m], k) for m, k in editor.stand_in_keys([about_paris]).items())
-
-
-def test_a_batch_with_more_stand_in_prompts_than_the_cache_keeps_is_protected(tokenizer, monkeypatch):
-    editor = fresh_editor(alpha_init=1e-2, protect_neighbours=2)
-    full = editor.stand_in_keys([REQUEST])  # two prompts, both cached
-    monkeypatch.setattr("modeledit.methods.mend.STAND_IN_CACHE", 1)
-    editor._stand_in_cache.clear()
-    keys = editor.stand_in_keys([REQUEST])
-    assert len(editor._stand_in_cache) == 1
-    assert all(torch.equal(keys[m], full[m]) for m in full)  # both prompts' keys, though one is evicted
+    assert all(torch.equal(keys[m], k) for m, k in stand_ins.keys(prompts, modules).items())
+    stand_ins.dtype = torch.bfloat16  # the default where the hardware has it: close to float32
+    for m, k in stand_ins.keys(prompts, modules).items():
+        assert k.dtype == torch.float32 and not torch.equal(k, keys[m])
+        assert torch.nn.functional.cosine_similarity(k, keys[m], dim=-1).min() > 0.98, m
+    assert isinstance(native_bfloat16(torch.device("cpu")), bool)
 
 
 def test_protection_settings_are_saved_and_the_user_s_choice_wins(tokenizer, tmp_path):
@@ -424,7 +443,10 @@ def test_protection_settings_are_saved_and_the_user_s_choice_wins(tokenizer, tmp
 
 @pytest.mark.parametrize(
     "setting, message",
-    [({"protect_neighbours": 99}, "from 0 to 16"), ({"protect_neighbours": 2, "protect_ridge": -1.0}, "> 0")],
+    [
+        ({"protect_neighbours": 999}, f"from 0 to {len(SUBJECTS)}"),
+        ({"protect_neighbours": 2, "protect_ridge": -1.0}, "> 0"),
+    ],
 )
 def test_bad_protection_settings_are_clear_errors(tokenizer, setting, message):
     editor = fresh_editor(**setting)

@@ -15,10 +15,10 @@ c_edit * NLL(target_new | edit prompt and paraphrase; W~) + c_loc * KL(p_W || p_
 and unrelated text, with gradients through W~ into the network and the alphas (u and delta are detached:
 first order).
 
-Not in the paper, at edit time only (``protect_neighbours``): the edit's template filled with n fixed other
-subjects (stand-in neighbours) gives keys K, each edited matrix's inputs on those prompts; the update's input
-factor R becomes R (I - K^T (K K^T + lam I)^-1 K), so the edited matrix maps the stand-ins' inputs (nearly) as
-before. The update stays low-rank, and 0 stand-ins is the paper's update exactly.
+Not in the paper, at edit time only (``protect_neighbours``, see ``stand_ins``): the edit's template filled
+with the n subjects nearest to its own (stand-in neighbours) gives keys K, each edited matrix's inputs on
+those prompts; the update's input factor R becomes R (I - K^T (K K^T + lam I)^-1 K), so the edited matrix
+maps the stand-ins' inputs (nearly) as before. The update stays low-rank; 0 stand-ins is the paper's update.
 
 The paper writes each layer as z + relu(s * (U V z + b) + o). With U = 0 (identity at init) that
 pre-activation is exactly 0 and ReLU passes no gradient, so nothing could ever train; here the ReLU sits
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,10 +39,10 @@ from torch import nn
 from ..arch import linear_shape
 from ..editor import Editor, default_modules, register
 from ..hooks import Trace
-from ..lm import is_seq2seq, text_batch
+from ..lm import is_seq2seq
 from ..models import fingerprint
-from ..patch import Delta, applied_patches, linear_delta
-from ..stats import forward_until
+from ..patch import Delta, linear_delta
+from ..stand_ins import SUBJECTS, StandIns, project_away
 from ..tasks import Task, resolve_task
 from ..training.checkpoint import editor_meta, read_editor_files, with_saved_hparams, write_editor_files
 
@@ -54,27 +53,6 @@ CONFIG_FILE, WEIGHTS_FILE = "mend.json", "mend.safetensors"
 FORMAT_VERSION = 1
 # Config fields used only when editing: a value the user sets (not None) wins over the saved one.
 EDIT_TIME_FIELDS = ("alpha_scale", "protect_neighbours", "protect_ridge")
-# Stand-in neighbours for ``protect_neighbours``: well-known entities of many kinds (people, places, firms,
-# works), so that the template filled with them reads like the relation's other subjects.
-STAND_IN_SUBJECTS = (
-    "Barack Obama",
-    "Paris",
-    "Toyota",
-    "the Amazon River",
-    "Albert Einstein",
-    "Microsoft",
-    "Brazil",
-    "the Beatles",
-    "Harvard University",
-    "Mount Everest",
-    "Lionel Messi",
-    "the BBC",
-    "Tokyo",
-    "Pablo Picasso",
-    "Nokia",
-    "the Mona Lisa",
-)
-STAND_IN_CACHE = 1024  # stand-in prompts whose keys an editor keeps (~0.2 MB each for the default model)
 
 
 class EditorNotTrainedError(ValueError):
@@ -98,8 +76,8 @@ class MENDConfig:
     # None: the scale saved with the editor (calibrated on validation edits; 1.0 if none was saved)
     alpha_scale: float | dict[str, float] | None = None
     # edit time only (not in the paper): keep the update off the layer inputs of the edit's template filled
-    # with this many stand-in subjects (STAND_IN_SUBJECTS, minus the edit's own); 0: the paper's update;
-    # None: the number saved with the editor (0 if none was saved)
+    # with this many stand-in subjects (the nearest to the edit's own in stand_ins.SUBJECTS); 0: the paper's
+    # update; None: the number saved with the editor (0 if none was saved)
     protect_neighbours: int | None = None
     # edit time only: the projection's ridge, relative to the stand-in keys' mean squared norm (smaller: the
     # stand-ins' outputs move less, and so may the edit's); None: the saved value (1.0 if none was saved)
@@ -273,10 +251,10 @@ class MEND(Editor):
     ):
         super().__init__(model, tokenizer, config, task)
         self.network = network
-        self._stand_in_cache: OrderedDict = OrderedDict()  # (prompt, applied patch ids) -> {module: keys}
         if network is None:
             self.load(self._editor_dir())
         self.network.eval()
+        self._stand_ins: StandIns | None = None  # made at the first protected edit
 
     @classmethod
     def for_training(cls, model: nn.Module, tokenizer, config: MENDConfig, task=None) -> MEND:
@@ -314,11 +292,13 @@ class MEND(Editor):
         return {m: float(scale.get(m, 1.0)) for m in modules}
 
     def compute_deltas(self, requests: list) -> dict[str, Delta]:
-        keys = self.stand_in_keys(requests)  # first: a bad setting fails before the gradient pass
-        factors = gradient_factors(self.model, self.task, requests, list(self.network.shapes))
+        prompts = self.stand_in_prompts(requests)  # first: a bad setting fails before the gradient pass
+        modules = list(self.network.shapes)
+        factors = gradient_factors(self.model, self.task, requests, modules)
         with torch.no_grad():
             updates = self.network(factors)
-            if keys is not None:
+            if prompts:
+                keys = self.stand_ins.keys(prompts, modules)
                 ridge = 1.0 if self.config.protect_ridge is None else self.config.protect_ridge
                 updates = {
                     m: (left, project_away(right, keys[m], ridge)) for m, (left, right) in updates.items()
@@ -327,55 +307,30 @@ class MEND(Editor):
         pairs = (linear_delta(self.model, m, scale[m] * left, right) for m, (left, right) in updates.items())
         return dict(pairs)
 
-    @torch.no_grad()
-    def stand_in_keys(self, requests: list) -> dict[str, torch.Tensor] | None:
-        """{module: its inputs (tokens, in) on these requests' stand-in prompts}; None if there are none.
+    @property
+    def stand_ins(self) -> StandIns:
+        """Chooses the stand-in neighbours (``protect_neighbours``) of this editor's model."""
+        if self._stand_ins is None:
+            self._stand_ins = StandIns(self.model, self.tokenizer)
+        return self._stand_ins
 
-        The stand-ins fill each request's template with the first ``protect_neighbours`` STAND_IN_SUBJECTS
-        that are not a subject of the batch. Requests without a subject (in their prompt) are not protected.
-        The keys of a prompt are kept (up to STAND_IN_CACHE prompts) while the same patches are applied.
-        """
+    def stand_in_prompts(self, requests: list) -> list[str]:
+        """The stand-in prompts of these requests (see ``stand_ins``); none if ``protect_neighbours`` is 0."""
         n, ridge = self.config.protect_neighbours or 0, self.config.protect_ridge
-        if not isinstance(n, int) or not 0 <= n <= len(STAND_IN_SUBJECTS):
+        if not isinstance(n, int) or not 0 <= n <= len(SUBJECTS):
             raise ValueError(
-                f"protect_neighbours must be a whole number from 0 to {len(STAND_IN_SUBJECTS)}, got {n!r}"
+                f"protect_neighbours must be a whole number from 0 to {len(SUBJECTS)}, got {n!r}"
             )
         if ridge is not None and not (isinstance(ridge, (int, float)) and ridge > 0):
             raise ValueError(f"protect_ridge must be a number > 0, got {ridge!r}")
         if n == 0:
-            return None
+            return []
         if not self.task.is_language_model or is_seq2seq(self.model):
             raise ValueError(
                 "protect_neighbours works for decoder-only language models only (it fills the edit's "
                 "template with other subjects); set protect_neighbours=0 for this model"
             )
-        templates = [
-            r.template for r in requests if r.subject and ("{}" in r.prompt or r.subject in r.prompt)
-        ]
-        taken = {r.subject for r in requests}
-        subjects = [s for s in STAND_IN_SUBJECTS if s not in taken][:n]
-        prompts = list(dict.fromkeys(t.replace("{}", s) for t in templates for s in subjects))
-        if not prompts:
-            return None
-        modules = list(self.network.shapes)
-        state = tuple(p.id for p in applied_patches(self.model))  # the keys depend on the weights
-        cache = self._stand_in_cache
-        missing = [p for p in prompts if (p, state) not in cache]
-        if missing:
-            batch = text_batch(self.tokenizer, missing)
-            device = next(self.model.parameters()).device
-            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-            with Trace(self.model, modules, capture_input=True, capture_output=False, detach=True) as tr:
-                forward_until(self.model, modules[-1], inputs)  # no later blocks, no LM head
-            lengths = batch["attention_mask"].sum(1).tolist()
-            for i, prompt in enumerate(missing):  # copies: evicting a prompt frees its keys
-                cache[prompt, state] = {m: tr[m].input[i, : lengths[i]].float().clone() for m in modules}
-        for p in prompts:
-            cache.move_to_end((p, state))
-        keys = {m: torch.cat([cache[p, state][m] for p in prompts]) for m in modules}
-        while len(cache) > STAND_IN_CACHE:  # after use: a batch may need more prompts than the cache keeps
-            cache.popitem(last=False)
-        return keys
+        return self.stand_ins.prompts(requests, n)
 
     # -- training (the trainer's learned-editor interface) ---------------------------------------------
     def fold_alpha_scale(self) -> None:
@@ -461,22 +416,6 @@ class MEND(Editor):
             "`modeledit train mend --model MODEL --data TRAIN.json --out DIR`, then pass editor_path=DIR "
             "(on the command line: --set editor_path=DIR)"
         )
-
-
-def project_away(right: torch.Tensor, keys: torch.Tensor, ridge: float) -> torch.Tensor:
-    """right (I - K^T (K K^T + lam I)^-1 K) for right (rank, in) and keys K (N, in), lam = ridge x mean |k|^2:
-    the update's input factor without the keys' directions, so that (left @ right) k ~ 0 for each key k.
-
-    Equal to lam right (K^T K + lam I)^-1 (push-through identity); the smaller of the two systems is solved.
-    """
-    keys = keys.to(right.dtype)
-    n, d = keys.shape
-    lam = ridge * keys.pow(2).sum(1).mean()
-    if n <= d:
-        gram = keys @ keys.T + lam * torch.eye(n, dtype=keys.dtype, device=keys.device)
-        return right - (right @ keys.T) @ torch.linalg.solve(gram, keys)
-    gram = keys.T @ keys + lam * torch.eye(d, dtype=keys.dtype, device=keys.device)
-    return lam * torch.linalg.solve(gram, right.T).T
 
 
 def combine(editors: list[MEND]) -> MEND:
