@@ -125,26 +125,30 @@ class StandIns:
         inputs = self._run(subjects, [self.similarity_module])[self.similarity_module]
         return torch.nn.functional.normalize(torch.stack([x[-1] for x in inputs]), dim=-1)
 
-    def nearest(self, subject: str, n: int, exclude: set[str]) -> list[str]:
-        """The ``n`` pool subjects nearest to ``subject``, none of them in ``exclude`` (case-insensitive).
+    def nearest(self, subjects: list[str], n: int, exclude: set[str]) -> list[list[str]]:
+        """For each of ``subjects``, the ``n`` pool subjects nearest to it, none of them in ``exclude``
+        (case-insensitive); one forward pass for all of them.
 
         The pool's vectors are computed once, at the first call: they only choose the stand-ins (the keys
         themselves are always taken at the current weights)."""
         if self._pool_vectors is None:
             self._pool_vectors = self._subject_vectors(list(self.pool))
-        similarity = self._pool_vectors @ self._subject_vectors([subject])[0]
         excluded = {s.lower() for s in exclude}
-        order = similarity.argsort(descending=True).tolist()
-        return [self.pool[i] for i in order if self.pool[i].lower() not in excluded][:n]
+        orders = (self._subject_vectors(subjects) @ self._pool_vectors.T).argsort(-1, descending=True)
+        return [
+            [self.pool[i] for i in order if self.pool[i].lower() not in excluded][:n]
+            for order in orders.tolist()
+        ]
 
     def prompts(self, requests: list, n: int) -> list[str]:
         """Each request's template filled with the ``n`` pool subjects nearest to its subject, leaving out
         every subject of the batch; requests without a subject (in their prompt) get none."""
         taken = {r.subject for r in requests if r.subject}
         with_subject = [r for r in requests if r.subject and ("{}" in r.prompt or r.subject in r.prompt)]
-        filled = (
-            r.template.replace("{}", s) for r in with_subject for s in self.nearest(r.subject, n, taken)
-        )
+        if not with_subject:
+            return []
+        chosen = self.nearest([r.subject for r in with_subject], n, taken)
+        filled = (r.template.replace("{}", s) for r, near in zip(with_subject, chosen) for s in near)
         return list(dict.fromkeys(filled))
 
     def keys(self, prompts: list[str], modules: list[str]) -> dict[str, torch.Tensor]:

@@ -398,8 +398,8 @@ def test_stand_ins_are_the_nearest_subjects_but_never_the_batch_s_own(tokenizer)
     own = stand_ins._subject_vectors(["Paris"])[0]
     by_hand = [stand_ins.pool[i] for i in (vectors @ own).argsort(descending=True).tolist()]
     assert by_hand[0] == "Paris"  # the pool's own entry: cosine 1
-    assert stand_ins.nearest("Paris", 3, exclude=set()) == by_hand[:3]
-    assert stand_ins.nearest("Paris", 3, exclude={"paris"}) == by_hand[1:4]  # case-insensitive
+    assert stand_ins.nearest(["Paris"], 3, exclude=set()) == [by_hand[:3]]
+    assert stand_ins.nearest(["Paris"], 3, exclude={"paris"}) == [by_hand[1:4]]  # case-insensitive
     about_paris = EditRequest(prompt="{} is in", subject="Paris", target_new="Rome")
     about_rome = EditRequest(prompt="{} lies in", subject="Rome", target_new="Oslo")
     assert stand_ins.prompts([about_paris], 3) == [f"{s} is in" for s in by_hand[1:4]]
