@@ -15,8 +15,10 @@ extra rows of the edit's own gradient pass they were slower (the LM head and the
 them too).
 
 Which stand-ins: the n subjects of ``SUBJECTS`` (well-known entities of many kinds) nearest to the edit's own
-subject, by the cosine of the subject's last-token MLP input a quarter of the way up the decoder (each
-subject alone, no template). Near stand-ins guard the neighbours better than a fixed list: on CounterFact dev
+subject, by the cosine of the subject's last-token MLP input a quarter of the way up the decoder: the pool's
+subjects alone, the edit's subject where it stands in its prompt, read off the edit's own gradient pass (so
+that choosing costs no pass of its own; for the many prompts that start with the subject it is the same
+vector as the subject alone). Near stand-ins guard the neighbours better than a fixed list: on CounterFact dev
 records 500-699 / 700-899, 8 nearest gave NS 72.5 / 67.0 where 8 fixed ones gave 65.0 / 58.5 and the 8
 farthest 59.0 / 60.0, at about the same ES and PS; similarity at blocks 8, 15 or 27 of 30 chose equally well,
 at block 4 or on the input embeddings worse (NS -5).
@@ -31,6 +33,7 @@ from .arch import architecture
 from .hooks import Trace
 from .lm import text_batch
 from .stats import forward_until
+from .trace import subject_span
 
 # Many kinds of subject (people, places, firms, works, organisations, languages, sports), so that the
 # nearest ones read like the relation's other subjects.
@@ -120,34 +123,54 @@ class StandIns:
         lengths = batch["attention_mask"].sum(1).tolist()
         return {m: [tr[m].input[i, :n].float() for i, n in enumerate(lengths)] for m in names}
 
-    def _subject_vectors(self, subjects: list[str]) -> torch.Tensor:
+    def subject_vectors(self, subjects: list[str]) -> torch.Tensor:
         """Unit vectors of each subject alone: its last token's input to ``similarity_module``."""
         inputs = self._run(subjects, [self.similarity_module])[self.similarity_module]
         return torch.nn.functional.normalize(torch.stack([x[-1] for x in inputs]), dim=-1)
 
-    def nearest(self, subjects: list[str], n: int, exclude: set[str]) -> list[list[str]]:
-        """For each of ``subjects``, the ``n`` pool subjects nearest to it, none of them in ``exclude``
-        (case-insensitive); one forward pass for all of them.
+    def vectors_in_context(self, requests: list, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit vectors of each request's subject where it stands in the request's prompt: the input to
+        ``similarity_module`` at the subject's last token (for a prompt that starts with the subject, the same
+        as alone: the model is causal).
+
+        ``inputs``: that module's input (rows, tokens, in) on a pass whose row i starts with the tokens of
+        ``requests[i].text``, such as the edit's own gradient pass (then choosing costs no pass of its own);
+        None: one pass of the prompts up to that module."""
+        texts = [r.text for r in requests]
+        if inputs is None:
+            rows = self._run(texts, [self.similarity_module])[self.similarity_module]
+        else:
+            rows = inputs.detach().float()
+        ends = [subject_span(self.tokenizer, t, r.subject)[1] - 1 for t, r in zip(texts, requests)]
+        return torch.nn.functional.normalize(torch.stack([x[e] for x, e in zip(rows, ends)]), dim=-1)
+
+    def nearest(self, vectors: torch.Tensor, n: int, exclude: set[str]) -> list[list[str]]:
+        """For each subject vector (rows of ``vectors``), the ``n`` pool subjects nearest to it by cosine,
+        none of them in ``exclude`` (case-insensitive).
 
         The pool's vectors are computed once, at the first call: they only choose the stand-ins (the keys
         themselves are always taken at the current weights)."""
         if self._pool_vectors is None:
-            self._pool_vectors = self._subject_vectors(list(self.pool))
+            self._pool_vectors = self.subject_vectors(list(self.pool))
         excluded = {s.lower() for s in exclude}
-        orders = (self._subject_vectors(subjects) @ self._pool_vectors.T).argsort(-1, descending=True)
+        orders = (vectors.to(self._pool_vectors) @ self._pool_vectors.T).argsort(-1, descending=True)
         return [
             [self.pool[i] for i in order if self.pool[i].lower() not in excluded][:n]
             for order in orders.tolist()
         ]
 
-    def prompts(self, requests: list, n: int) -> list[str]:
+    def prompts(self, requests: list, n: int, inputs: torch.Tensor | None = None) -> list[str]:
         """Each request's template filled with the ``n`` pool subjects nearest to its subject, leaving out
-        every subject of the batch; requests without a subject (in their prompt) get none."""
+        every subject of the batch; requests without a subject (in their prompt) get none. ``inputs``: see
+        ``vectors_in_context`` (rows in the order of ``requests``)."""
         taken = {r.subject for r in requests if r.subject}
-        with_subject = [r for r in requests if r.subject and ("{}" in r.prompt or r.subject in r.prompt)]
-        if not with_subject:
+        has_subject = [r.subject and ("{}" in r.prompt or r.subject in r.prompt) for r in requests]
+        rows = [i for i, has in enumerate(has_subject) if has]
+        if not rows:
             return []
-        chosen = self.nearest([r.subject for r in with_subject], n, taken)
+        with_subject = [requests[i] for i in rows]
+        vectors = self.vectors_in_context(with_subject, None if inputs is None else inputs[rows])
+        chosen = self.nearest(vectors, n, taken)
         filled = (r.template.replace("{}", s) for r, near in zip(with_subject, chosen) for s in near)
         return list(dict.fromkeys(filled))
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from modeledit import EditRequest, create_editor
 from modeledit.cli import app
+from modeledit.hooks import Trace
 from modeledit.lm import mean_nll, target_batch
 from modeledit.methods.mend import (
     MEND,
@@ -394,17 +395,44 @@ def test_no_stand_ins_is_the_paper_update_exactly_and_requests_without_subject_a
 def test_stand_ins_are_the_nearest_subjects_but_never_the_batch_s_own(tokenizer):
     model = tiny_model("llama")
     stand_ins = StandIns(model, tokenizer, pool=SUBJECTS[:40])
-    vectors = stand_ins._subject_vectors(list(stand_ins.pool))
-    own = stand_ins._subject_vectors(["Paris"])[0]
-    by_hand = [stand_ins.pool[i] for i in (vectors @ own).argsort(descending=True).tolist()]
+    vectors = stand_ins.subject_vectors(list(stand_ins.pool))
+    own = stand_ins.subject_vectors(["Paris"])
+    by_hand = [stand_ins.pool[i] for i in (vectors @ own[0]).argsort(descending=True).tolist()]
     assert by_hand[0] == "Paris"  # the pool's own entry: cosine 1
-    assert stand_ins.nearest(["Paris"], 3, exclude=set()) == [by_hand[:3]]
-    assert stand_ins.nearest(["Paris"], 3, exclude={"paris"}) == [by_hand[1:4]]  # case-insensitive
+    assert stand_ins.nearest(own, 3, exclude=set()) == [by_hand[:3]]
+    assert stand_ins.nearest(own, 3, exclude={"paris"}) == [by_hand[1:4]]  # case-insensitive
     about_paris = EditRequest(prompt="{} is in", subject="Paris", target_new="Rome")
     about_rome = EditRequest(prompt="{} lies in", subject="Rome", target_new="Oslo")
     assert stand_ins.prompts([about_paris], 3) == [f"{s} is in" for s in by_hand[1:4]]
     batch = stand_ins.prompts([about_paris, about_rome], 3)
     assert len(batch) == 6 and not any(p.startswith(("Paris ", "Rome ")) for p in batch)  # the batch's own
+
+
+def test_subject_vectors_are_taken_where_the_subject_stands_and_the_gradient_pass_gives_the_same(tokenizer):
+    editor = fresh_editor(alpha_init=1e-2, protect_neighbours=2)
+    stand_ins = editor.stand_ins
+    stand_ins.dtype = torch.float32
+    first = EditRequest(prompt="{} is in", subject="Paris", target_new="Rome")
+    inside = EditRequest(prompt="The river of {} is the", subject="Paris", target_new="Rhine")
+    alone = stand_ins.subject_vectors(["Paris"])[0]
+    at_start, in_middle = stand_ins.vectors_in_context([first, inside])
+    torch.testing.assert_close(at_start, alone, atol=1e-5, rtol=1e-4)  # causal: nothing before it, same
+    with Trace(editor.model, [stand_ins.similarity_module], capture_input=True, detach=True) as tr:
+        editor.model(**tokenizer(inside.text, return_tensors="pt"))
+    end = len(tokenizer("The river of Paris")["input_ids"]) - 1
+    by_hand = torch.nn.functional.normalize(tr[stand_ins.similarity_module].input[0, end], dim=-1)
+    torch.testing.assert_close(in_middle, by_hand, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(in_middle, alone, atol=1e-3)  # the context before it counts
+    # compute_deltas reads the vectors off its own gradient pass (no pass of their own): same stand-ins
+    with Trace(editor.model, [stand_ins.similarity_module], capture_input=True, detach=True) as tr:
+        gradient_factors(editor.model, editor.task, [first, inside], list(editor.network.shapes))
+    from_gradient_pass = stand_ins.vectors_in_context([first, inside], tr[stand_ins.similarity_module].input)
+    torch.testing.assert_close(from_gradient_pass, torch.stack([at_start, in_middle]), atol=1e-5, rtol=1e-4)
+    stand_ins.prompts([first], 2)  # the pool's vectors: once, at the first choice
+    calls = []
+    stand_ins._run = lambda texts, names, run=stand_ins._run: calls.append(names) or run(texts, names)
+    editor.compute_deltas([first, inside])
+    assert calls == [list(editor.network.shapes)]  # one pass only: the stand-ins' keys
 
 
 def test_stand_in_keys_are_each_prompt_s_inputs_at_the_current_weights(tokenizer):

@@ -292,11 +292,15 @@ class MEND(Editor):
         return {m: float(scale.get(m, 1.0)) for m in modules}
 
     def compute_deltas(self, requests: list) -> dict[str, Delta]:
-        prompts = self.stand_in_prompts(requests)  # first: a bad setting fails before the gradient pass
+        n = self.protected_subjects()  # first: a bad setting fails before the gradient pass
         modules = list(self.network.shapes)
-        factors = gradient_factors(self.model, self.task, requests, modules)
+        # The stand-ins are chosen by the subjects' inputs to one early module, watched in the gradient pass.
+        watched = [self.stand_ins.similarity_module] if n else []
+        with Trace(self.model, watched, capture_input=True, capture_output=False, detach=True) as seen:
+            factors = gradient_factors(self.model, self.task, requests, modules)
         with torch.no_grad():
             updates = self.network(factors)
+            prompts = self.stand_ins.prompts(requests, n, seen[watched[0]].input) if n else []
             if prompts:
                 keys = self.stand_ins.keys(prompts, modules)
                 ridge = 1.0 if self.config.protect_ridge is None else self.config.protect_ridge
@@ -314,8 +318,8 @@ class MEND(Editor):
             self._stand_ins = StandIns(self.model, self.tokenizer)
         return self._stand_ins
 
-    def stand_in_prompts(self, requests: list) -> list[str]:
-        """The stand-in prompts of these requests (see ``stand_ins``); none if ``protect_neighbours`` is 0."""
+    def protected_subjects(self) -> int:
+        """``protect_neighbours``, checked (with ``protect_ridge``) against this editor's model."""
         n, ridge = self.config.protect_neighbours or 0, self.config.protect_ridge
         if not isinstance(n, int) or not 0 <= n <= len(SUBJECTS):
             raise ValueError(
@@ -323,14 +327,17 @@ class MEND(Editor):
             )
         if ridge is not None and not (isinstance(ridge, (int, float)) and ridge > 0):
             raise ValueError(f"protect_ridge must be a number > 0, got {ridge!r}")
-        if n == 0:
-            return []
-        if not self.task.is_language_model or is_seq2seq(self.model):
+        if n and (not self.task.is_language_model or is_seq2seq(self.model)):
             raise ValueError(
                 "protect_neighbours works for decoder-only language models only (it fills the edit's "
                 "template with other subjects); set protect_neighbours=0 for this model"
             )
-        return self.stand_ins.prompts(requests, n)
+        return n
+
+    def stand_in_prompts(self, requests: list) -> list[str]:
+        """The stand-in prompts of these requests (see ``stand_ins``); none if ``protect_neighbours`` is 0."""
+        n = self.protected_subjects()
+        return self.stand_ins.prompts(requests, n) if n else []
 
     # -- training (the trainer's learned-editor interface) ---------------------------------------------
     def fold_alpha_scale(self) -> None:
