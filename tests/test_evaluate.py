@@ -160,3 +160,31 @@ def test_an_interrupted_sequential_run_resumes_from_its_saved_stream(
     assert [r["post"] for r in resumed["records"]] == [r["post"] for r in full["records"]]
     assert resumed["retention"] == full["retention"]
     assert resumed["summary"]["n"] == 4 and len(resumed["retention"]) == 2
+
+
+@pytest.mark.parametrize(
+    "mode,batch_size,expected", [("single", 1, [0, 0, 1, 2, 3]), ("batch", 4, [0] + [0, 1, 2, 3])]
+)
+def test_the_reference_passes_are_timed_on_the_edited_records_just_before_their_edits(
+    tokenizer, monkeypatch, mode, batch_size, expected
+):
+    """edit_cost_ratio compares an edit with a forward+backward of the same input under the same load: the
+    reference is timed in the run, before each sampled edit (a warm-up first), and its mean is the divisor."""
+    events, fwd_bwd = [], iter([9.0] + [0.1, 0.2, 0.3, 0.4])  # the warm-up's 9.0 must not count
+
+    def timed(model, tokenizer, r):
+        events.append(("reference", REQUESTS.index(r)))
+        return 0.05, next(fwd_bwd)
+
+    monkeypatch.setattr(modeledit.evaluate, "reference_seconds", timed)
+    model = tiny_model("llama")
+    editor = create_editor("ft", model, tokenizer, steps=1)
+    original = editor.edit
+    editor.edit = lambda requests: events.append(("edit", len(requests))) or original(requests)
+    result = evaluate(model, tokenizer, editor, REQUESTS, mode=mode, batch_size=batch_size, progress=False)
+    assert [i for kind, i in events if kind == "reference"] == expected
+    first_edit = events.index(("edit", batch_size))
+    assert all(kind == "reference" for kind, _ in events[:first_edit])  # timed before the edit
+    summary = result["summary"]
+    assert summary["seconds_fwd_bwd"] == pytest.approx(0.25) and summary["seconds_fwd"] == pytest.approx(0.05)
+    assert summary["edit_cost_ratio"] == pytest.approx(summary["seconds_per_edit"] / 0.25)

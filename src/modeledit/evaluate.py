@@ -12,8 +12,10 @@ chunk; a sequential run keeps its stream (the patches made so far and the editor
 the base model and goes on with the next edit.
 
 ``seconds_fwd_bwd`` is one forward+backward of the edit loss (gradients for the MLP matrices of the last
-3 blocks, MEND's setting) measured in the same run, so
-``edit_cost_ratio = seconds_per_edit / seconds_fwd_bwd`` compares methods across machines.
+3 blocks, MEND's setting) on the edit's own input, timed just before the edit on up to
+``REFERENCE_SAMPLES`` records spread over the run (their mean; ``seconds_fwd`` likewise for a forward pass),
+so that ``edit_cost_ratio = seconds_per_edit / seconds_fwd_bwd`` compares the two on the same inputs and
+under the same load (a machine's speed drifts over minutes), and methods across machines.
 """
 
 from __future__ import annotations
@@ -45,29 +47,34 @@ from .training.trainer import peak_rss_mb
 
 SUMMARY_KEYS = ("ES", "PS", "NS", "S", "EM", "PM", "NM")
 SAVE_SECONDS = 60.0  # a checkpointed sequential run saves its stream at most this often (and after the end)
+REFERENCE_SAMPLES = 50  # records whose reference passes are timed, spread over a run
+
+
+def reference_seconds(model: nn.Module, tokenizer, r: EditRequest) -> tuple[float, float]:
+    """Seconds of one forward pass and of one forward+backward of the edit loss of ``r``: the lower bounds
+    of memory-based and of gradient-based editors."""
+    names = [f"{m}.weight" for m in architecture(model).last_mlp_linears(3)]
+    params = dict(model.named_parameters())
+    leaves = {n: params[n].detach().requires_grad_(True) for n in names}
+    batch = target_batch(tokenizer, [r.text], [r.target_new], is_seq2seq(model))
+    start = time.perf_counter()
+    with torch.no_grad():
+        mean_nll(model, batch)
+    fwd = time.perf_counter() - start
+    start = time.perf_counter()
+    loss = mean_nll(model, batch, params=leaves).mean()
+    torch.autograd.grad(loss, list(leaves.values()))
+    return fwd, time.perf_counter() - start
 
 
 def time_reference_passes(
     model: nn.Module, tokenizer, requests: list[EditRequest], repeats: int = 5
 ) -> dict[str, float]:
-    """Median seconds of one forward pass and of one forward+backward of the edit loss on single edits:
-    the lower bounds of memory-based and of gradient-based editors."""
-    names = [f"{m}.weight" for m in architecture(model).last_mlp_linears(3)]
-    params = dict(model.named_parameters())
-    leaves = {n: params[n].detach().requires_grad_(True) for n in names}
-    fwd, fwd_bwd = [], []
-    for r in (requests * (repeats + 1))[: repeats + 1]:
-        batch = target_batch(tokenizer, [r.text], [r.target_new], is_seq2seq(model))
-        start = time.perf_counter()
-        with torch.no_grad():
-            mean_nll(model, batch)
-        fwd.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        loss = mean_nll(model, batch, params=leaves).mean()
-        torch.autograd.grad(loss, list(leaves.values()))
-        fwd_bwd.append(time.perf_counter() - start)
-    # The first pass warms up.
-    return {"seconds_fwd": statistics.median(fwd[1:]), "seconds_fwd_bwd": statistics.median(fwd_bwd[1:])}
+    """Median seconds of ``reference_seconds`` over ``repeats`` passes of the requests in turn (one more
+    first, to warm up)."""
+    times = [reference_seconds(model, tokenizer, r) for r in (requests * (repeats + 1))[: repeats + 1]]
+    fwd, fwd_bwd = zip(*times[1:])
+    return {"seconds_fwd": statistics.median(fwd), "seconds_fwd_bwd": statistics.median(fwd_bwd)}
 
 
 def _fluency(model: nn.Module, tokenizer, r: EditRequest, max_new_tokens: int) -> float:
@@ -136,6 +143,9 @@ def evaluate(
         if sequential:
             saved.write({"pre": [pre[id(r)] for r in requests], "ppl_before": ppl_before})
     edit_seconds: list[float] = []
+    reference: list[tuple[float, float]] = []  # (forward, forward+backward) seconds
+    stride = max(1, len(chunks) // REFERENCE_SAMPLES)
+    per_chunk = math.ceil(REFERENCE_SAMPLES / (len(chunks) * stride))  # few chunks (big batches): more each
     results: list[dict] = []
     replayed = -1  # a resumed sequential run: the chunks up to this one are applied from the checkpoint
     bar = tqdm(chunks, desc=f"{editor.name if editor else 'none'} ({mode})", disable=not progress)
@@ -152,6 +162,10 @@ def evaluate(
                 continue
             patch = None
             if editor is not None:
+                if i % stride == 0:  # the reference passes on this chunk's own inputs, under the same load
+                    if not reference:
+                        reference_seconds(model, tokenizer, chunk[0])  # warm-up, not counted
+                    reference += [reference_seconds(model, tokenizer, r) for r in chunk[:per_chunk]]
                 start = time.perf_counter()
                 patch = editor.edit(chunk)
                 edit_seconds.append(time.perf_counter() - start)
@@ -204,13 +218,17 @@ def evaluate(
     ):  # MEND's other drawdown: perplexity of unrelated text, before the first / after the last edit
         summary |= {"unrelated_ppl_before": ppl_before, "unrelated_ppl_after": ppl_after}
     if editor is not None:
-        reference = time_reference_passes(model, tokenizer, requests[:5])
+        if reference:
+            fwd, fwd_bwd = (statistics.fmean(t) for t in zip(*reference))
+            passes = {"seconds_fwd": fwd, "seconds_fwd_bwd": fwd_bwd}
+        else:  # a resumed run whose edits were all done before: time them now
+            passes = time_reference_passes(model, tokenizer, requests[:5])
         per_edit = sum(edit_seconds) / len(requests)
         summary |= {
             "seconds_per_edit": per_edit,
             "seconds_per_patch": statistics.fmean(edit_seconds),
-            **reference,
-            "edit_cost_ratio": per_edit / reference["seconds_fwd_bwd"],
+            **passes,
+            "edit_cost_ratio": per_edit / passes["seconds_fwd_bwd"],
         }
     return {
         "method": editor.name if editor else "none",
