@@ -144,16 +144,21 @@ class StandIns:
         ends = [subject_span(self.tokenizer, t, r.subject)[1] - 1 for t, r in zip(texts, requests)]
         return torch.nn.functional.normalize(torch.stack([x[e] for x, e in zip(rows, ends)]), dim=-1)
 
+    def pool_vectors(self) -> torch.Tensor:
+        """The pool's subject vectors (``subject_vectors``), computed at the first call (one pass over the
+        pool: ~0.5 s on the default model) and kept."""
+        if self._pool_vectors is None:
+            self._pool_vectors = self.subject_vectors(list(self.pool))
+        return self._pool_vectors
+
     def nearest(self, vectors: torch.Tensor, n: int, exclude: set[str]) -> list[list[str]]:
         """For each subject vector (rows of ``vectors``), the ``n`` pool subjects nearest to it by cosine,
         none of them in ``exclude`` (case-insensitive).
 
-        The pool's vectors are computed once, at the first call: they only choose the stand-ins (the keys
-        themselves are always taken at the current weights)."""
-        if self._pool_vectors is None:
-            self._pool_vectors = self.subject_vectors(list(self.pool))
+        (``pool_vectors`` only choose the stand-ins; the keys are always taken at the current weights.)"""
+        pool = self.pool_vectors()
         excluded = {s.lower() for s in exclude}
-        orders = (vectors.to(self._pool_vectors) @ self._pool_vectors.T).argsort(-1, descending=True)
+        orders = (vectors.to(pool) @ pool.T).argsort(-1, descending=True)
         return [
             [self.pool[i] for i in order if self.pool[i].lower() not in excluded][:n]
             for order in orders.tolist()

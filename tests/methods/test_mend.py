@@ -24,6 +24,7 @@ from modeledit.methods.mend import (
     MENDConfig,
     combine,
     gradient_factors,
+    isolate_edits,
 )
 from modeledit.patch import LowRank
 from modeledit.stand_ins import SUBJECTS, StandIns, native_bfloat16, project_away
@@ -276,6 +277,68 @@ def test_batched_edit_sums_the_single_edits(tokenizer):
         )
 
 
+def test_isolate_edits_gives_each_edit_s_keys_only_its_own_change():
+    torch.manual_seed(0)
+    left, right = torch.randn(6, 5, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)
+    keys, owners = torch.randn(5, 16, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2])
+    own = torch.stack(
+        [left[:, owners == owners[t]] @ right[owners == owners[t]] @ keys[t] for t in range(5)], 1
+    )
+    summed = left @ right @ keys.T
+    assert (summed - own).abs().max() > 0.1 * own.abs().max()  # the plain sum mixes the edits
+    isolated = isolate_edits(left, right, keys, owners, 1e-10)
+    torch.testing.assert_close(isolated @ right @ keys.T, own)
+    alone = isolate_edits(left, right, keys, torch.zeros(5, dtype=torch.long), 1e-10)
+    torch.testing.assert_close(alone, left)  # one edit: its update is already what it wants
+    nearer = [(isolate_edits(left, right, keys, owners, r) - left).norm() for r in (1e-10, 1.0, 1e6)]
+    assert nearer[0] > nearer[1] > nearer[2] and nearer[2] < 1e-4 * nearer[0]  # larger ridges: the plain sum
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D stores W as (in, out)
+def test_isolated_batch_moves_each_edit_s_tokens_as_its_single_edit_does(arch, tokenizer):
+    editor = fresh_editor(arch, alpha_init=1e-2)
+    train = EditBatches(tokenizer, synthetic_edits(8), 1, TEXTS)
+    editor.train(True)
+    editor.training_loss(train[0])
+    editor.train(False)
+    requests = synthetic_edits(2, seed=1)  # fewer target tokens than inputs: solvable
+    modules = list(editor.network.shapes)
+    owners: dict[str, torch.Tensor] = {}
+    factors = gradient_factors(editor.model, editor.task, requests, modules, owners)
+    plain = editor.compute_deltas(requests)
+    singles = [editor.compute_deltas([r]) for r in requests]
+    editor.config.isolate_batch = 1e-9
+    isolated = editor.compute_deltas(requests)
+    exact = 0
+    assert all(
+        torch.equal(d.dense(), singles[0][k].dense()) for k, d in editor.compute_deltas(requests[:1]).items()
+    )
+    for m in modules:
+        name, keys = f"{m}.weight", factors[m][0].double()
+        assert sorted(set(owners[m].tolist())) == [0, 1] and len(owners[m]) == len(keys)
+        assert isolated[name].a.shape == plain[name].a.shape  # same rank as the plain sum
+        moved = {}
+        for kind, deltas in (("plain", plain), ("isolated", isolated)):
+            dense = deltas[name].dense().double()
+            moved[kind] = (dense.T if arch == "gpt2" else dense) @ keys.T
+        wanted = torch.cat(
+            [
+                (singles[i][name].dense().double().T if arch == "gpt2" else singles[i][name].dense().double())
+                @ keys[owners[m] == i].T
+                for i in range(2)
+            ],
+            1,
+        )
+        order = torch.cat([torch.nonzero(owners[m] == i).flatten() for i in range(2)])
+        error = {kind: (value[:, order] - wanted).abs().max() for kind, value in moved.items()}
+        if len(keys) <= keys.shape[1]:  # no more keys than inputs (the last block: target tokens only)
+            assert error["isolated"] < 1e-2 * error["plain"], (m, error)
+            exact += 1
+        else:  # earlier blocks see every token (more than inputs): a least-squares compromise, still closer
+            assert error["isolated"] < error["plain"], (m, error)
+    assert exact >= 3
+
+
 def test_alpha_scale_multiplies_the_update_and_survives_loading_an_editor(tokenizer, tmp_path):
     editor = fresh_editor(alpha_init=1e-2)
     editor.training_loss(meta_batch(tokenizer, [REQUEST], TEXTS))  # non-trivial normalisation statistics
@@ -435,6 +498,17 @@ def test_subject_vectors_are_taken_where_the_subject_stands_and_the_gradient_pas
     assert calls == [list(editor.network.shapes)]  # one pass only: the stand-ins' keys
 
 
+def test_a_protecting_editor_prepares_its_stand_in_pool_when_created(tokenizer):
+    editor = fresh_editor(alpha_init=1e-2, protect_neighbours=1)
+    assert editor.stand_ins._pool_vectors is not None  # before any edit
+    passes, run = [], editor.stand_ins._run
+    editor.stand_ins._run = lambda texts, names: passes.append(len(texts)) or run(texts, names)
+    editor.edit([REQUEST])
+    assert passes == [1]  # only the stand-in's keys: the pool's pass is not part of an edit
+    assert fresh_editor(alpha_init=1e-2)._stand_ins is None  # no protection: no pool
+    assert fresh_editor(protect_neighbours=999)._stand_ins is None  # a bad setting: edit() says so
+
+
 def test_stand_in_keys_are_each_prompt_s_inputs_at_the_current_weights(tokenizer):
     editor = fresh_editor(alpha_init=1e-2, protect_neighbours=2)
     editor.training_loss(meta_batch(tokenizer, [REQUEST], TEXTS))
@@ -461,10 +535,11 @@ def test_stand_in_keys_are_each_prompt_s_inputs_at_the_current_weights(tokenizer
 
 
 def test_protection_settings_are_saved_and_the_user_s_choice_wins(tokenizer, tmp_path):
-    editor = fresh_editor(alpha_init=1e-2, protect_neighbours=3, protect_ridge=0.5)
+    editor = fresh_editor(alpha_init=1e-2, protect_neighbours=3, protect_ridge=0.5, isolate_batch=0.1)
     editor.save(tmp_path)
     loaded = MEND(editor.model, tokenizer, MENDConfig(editor_path=str(tmp_path)))
     assert (loaded.config.protect_neighbours, loaded.config.protect_ridge) == (3, 0.5)
+    assert loaded.config.isolate_batch == 0.1
     chosen = MEND(editor.model, tokenizer, MENDConfig(editor_path=str(tmp_path), protect_neighbours=0))
     assert (chosen.config.protect_neighbours, chosen.config.protect_ridge) == (0, 0.5)
 
@@ -474,6 +549,7 @@ def test_protection_settings_are_saved_and_the_user_s_choice_wins(tokenizer, tmp
     [
         ({"protect_neighbours": 999}, f"from 0 to {len(SUBJECTS)}"),
         ({"protect_neighbours": 2, "protect_ridge": -1.0}, "> 0"),
+        ({"isolate_batch": -1.0}, "isolate_batch must be a number >= 0"),
     ],
 )
 def test_bad_protection_settings_are_clear_errors(tokenizer, setting, message):

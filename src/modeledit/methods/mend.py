@@ -19,6 +19,9 @@ Not in the paper, at edit time only (``protect_neighbours``, see ``stand_ins``):
 with the n subjects nearest to its own (stand-in neighbours) gives keys K, each edited matrix's inputs on
 those prompts; the update's input factor R becomes R (I - K^T (K K^T + lam I)^-1 K), so the edited matrix
 maps the stand-ins' inputs (nearly) as before. The update stays low-rank; 0 stand-ins is the paper's update.
+Also not in the paper (``isolate_batch``): a batch's update is the sum of its edits' parts, and each part also
+moves the other edits' tokens; ``isolate_edits`` changes the summed output factor as little as possible so
+that this cross-talk goes away (0: the paper's plain sum).
 
 The paper writes each layer as z + relu(s * (U V z + b) + o). With U = 0 (identity at init) that
 pre-activation is exactly 0 and ReLU passes no gradient, so nothing could ever train; here the ReLU sits
@@ -28,6 +31,7 @@ identity at init and trains.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, replace
@@ -52,7 +56,7 @@ EDITORS_DIR = (
 CONFIG_FILE, WEIGHTS_FILE = "mend.json", "mend.safetensors"
 FORMAT_VERSION = 1
 # Config fields used only when editing: a value the user sets (not None) wins over the saved one.
-EDIT_TIME_FIELDS = ("alpha_scale", "protect_neighbours", "protect_ridge")
+EDIT_TIME_FIELDS = ("alpha_scale", "protect_neighbours", "protect_ridge", "isolate_batch")
 
 
 class EditorNotTrainedError(ValueError):
@@ -82,6 +86,10 @@ class MENDConfig:
     # edit time only: the projection's ridge, relative to the stand-in keys' mean squared norm (smaller: the
     # stand-ins' outputs move less, and so may the edit's); None: the saved value (1.0 if none was saved)
     protect_ridge: float | None = None
+    # edit time only (not in the paper): in a batch of k > 1 edits, re-solve the summed update so that each
+    # edit's tokens change only by its own part (``isolate_edits``), with this ridge (relative); 0: the
+    # paper's plain sum; None: the value saved with the editor (0 if none was saved)
+    isolate_batch: float | None = None
     c_edit: float = 0.1  # weight of the edit NLL in the training loss
     c_loc: float = 1.0  # weight of the locality KL in the training loss
     # weight of the hard-negative term (not in the paper; 0 = the paper's loss): on neighbourhood prompts the
@@ -96,12 +104,18 @@ class MENDConfig:
 
 
 def decompose(
-    model: nn.Module, task: Task, batch, modules: list[str], n_edit: int | None = None
+    model: nn.Module,
+    task: Task,
+    batch,
+    modules: list[str],
+    n_edit: int | None = None,
+    owners: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-token (u, delta) of each module for the summed per-edit loss of the first ``n_edit`` rows of
     ``batch`` (all rows if None), taken at the base weights: sum_t delta_t u_t^T = dL/dW (out, in).
 
-    All-zero rows (padding, positions after the targets) are dropped; the factors are detached.
+    All-zero rows (padding, positions after the targets) are dropped; the factors are detached. ``owners``,
+    if given, is filled with each module's row -> index of the batch row (the edit) it came from.
     """
     params = dict(model.named_parameters())
     # The base weights as fresh leaves, so the layers' outputs require grad even though the model is frozen.
@@ -115,14 +129,44 @@ def decompose(
         u, delta = tr[m].input.detach().flatten(0, -2), delta.detach().flatten(0, -2)
         keep = (u != 0).any(-1) & (delta != 0).any(-1)
         factors[m] = (u[keep].float(), delta[keep].float())
+        if owners is not None:  # the layer's input is (batch, [positions...,] features)
+            shape = tr[m].input.shape
+            per_row = math.prod(shape[1:-1])
+            owners[m] = torch.arange(shape[0], device=keep.device).repeat_interleave(per_row)[keep]
     return factors
 
 
 def gradient_factors(
-    model: nn.Module, task: Task, edits: list, modules: list[str]
+    model: nn.Module,
+    task: Task,
+    edits: list,
+    modules: list[str],
+    owners: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(u, delta) per token of each module for the edits' loss (see ``decompose``)."""
-    return decompose(model, task, task.edit_batch(edits), modules)
+    return decompose(model, task, task.edit_batch(edits), modules, owners=owners)
+
+
+def isolate_edits(
+    left: torch.Tensor, right: torch.Tensor, keys: torch.Tensor, owners: torch.Tensor, ridge: float
+) -> torch.Tensor:
+    """The output factor of a batch's summed update, changed as little as possible so that each edit's own
+    tokens stop moving by the other edits' parts (not in the paper; ``isolate_batch``).
+
+    left (out, N) @ right (N, in) sums the edits' updates, row t of both factors from edit owners[t]; keys
+    (N, in) are the layer's inputs at those tokens. With P = right @ keys^T (N, N), the summed update moves
+    key t by (left P)_t, of which the other edits' rows give the cross-talk X_t. The correction C minimises
+    |C|^2 lam + |C P + X|^2 (lam = ridge x the mean squared column norm of P): C = -X (P^T P + lam I)^-1 P^T.
+    ridge -> 0 removes the cross-talk wherever the keys allow it (no more keys than inputs); larger ridges
+    stay nearer the plain sum. The input directions (right, what the editor learned) and the rank are kept.
+    """
+    dtype = left.dtype
+    left, right, keys = left.double(), right.double(), keys.double()  # P^T P squares P's condition number
+    p = right @ keys.T
+    crosstalk = left @ (p * (owners[:, None] != owners[None, :]))
+    gram = p.T @ p
+    gram.diagonal().add_(ridge * gram.diagonal().mean())
+    return (left - torch.linalg.solve(gram, crosstalk.T).T @ p.T).to(dtype)
 
 
 # -- the editor network --------------------------------------------------------------------------------
@@ -254,7 +298,12 @@ class MEND(Editor):
         if network is None:
             self.load(self._editor_dir())
         self.network.eval()
-        self._stand_ins: StandIns | None = None  # made at the first protected edit
+        self._stand_ins: StandIns | None = None  # made at creation if protecting, else at the first such edit
+        # A protecting editor prepares its stand-in pool now, so that its first edit costs what every edit
+        # costs (the pool's pass is setup, like loading the editor); a bad setting is reported by edit().
+        with contextlib.suppress(ValueError):
+            if self.protected_subjects():
+                self.stand_ins.pool_vectors()
 
     @classmethod
     def for_training(cls, model: nn.Module, tokenizer, config: MENDConfig, task=None) -> MEND:
@@ -292,12 +341,13 @@ class MEND(Editor):
         return {m: float(scale.get(m, 1.0)) for m in modules}
 
     def compute_deltas(self, requests: list) -> dict[str, Delta]:
-        n = self.protected_subjects()  # first: a bad setting fails before the gradient pass
+        n, isolate = self.protected_subjects(), self.batch_isolation()  # bad settings fail before any pass
         modules = list(self.network.shapes)
         # The stand-ins are chosen by the subjects' inputs to one early module, watched in the gradient pass.
         watched = [self.stand_ins.similarity_module] if n else []
+        owners: dict[str, torch.Tensor] = {}
         with Trace(self.model, watched, capture_input=True, capture_output=False, detach=True) as seen:
-            factors = gradient_factors(self.model, self.task, requests, modules)
+            factors = gradient_factors(self.model, self.task, requests, modules, owners)
         with torch.no_grad():
             updates = self.network(factors)
             prompts = self.stand_ins.prompts(requests, n, seen[watched[0]].input) if n else []
@@ -306,6 +356,11 @@ class MEND(Editor):
                 ridge = 1.0 if self.config.protect_ridge is None else self.config.protect_ridge
                 updates = {
                     m: (left, project_away(right, keys[m], ridge)) for m, (left, right) in updates.items()
+                }
+            if isolate and len(requests) > 1:
+                updates = {
+                    m: (isolate_edits(left, right, factors[m][0], owners[m], isolate), right)
+                    for m, (left, right) in updates.items()
                 }
         scale = self.scales
         pairs = (linear_delta(self.model, m, scale[m] * left, right) for m, (left, right) in updates.items())
@@ -333,6 +388,13 @@ class MEND(Editor):
                 "template with other subjects); set protect_neighbours=0 for this model"
             )
         return n
+
+    def batch_isolation(self) -> float:
+        """``isolate_batch``, checked: the ridge of ``isolate_edits``, 0 for the paper's summed update."""
+        ridge = self.config.isolate_batch or 0.0
+        if isinstance(ridge, bool) or not isinstance(ridge, int | float) or ridge < 0:
+            raise ValueError(f"isolate_batch must be a number >= 0 (0: off), got {ridge!r}")
+        return float(ridge)
 
     def stand_in_prompts(self, requests: list) -> list[str]:
         """The stand-in prompts of these requests (see ``stand_ins``); none if ``protect_neighbours`` is 0."""
