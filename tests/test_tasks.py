@@ -195,6 +195,21 @@ def test_untrained_mend_on_any_model_is_one_descent_step():
         assert task.loss(task.outputs(model, batch), batch).item() < loss_before
 
 
+def test_mend_isolates_a_batch_of_tensor_edits_row_by_row():
+    model = classifier()
+    task = ClassificationTask()
+    editor = MEND.for_training(model, None, MENDConfig(rank=4, alpha_init=1e-1), task=task)
+    edits = _edits(model, 2, 0)
+    owners: dict = {}
+    factors = gradient_factors(model, task, edits, list(editor.network.shapes), owners)
+    rows = [len(e.targets) for e in edits]  # (batch, features) inputs: one factor row per input row
+    for m, (u, _) in factors.items():
+        assert len(owners[m]) == len(u)
+        assert owners[m].tolist() == [i for i, n in enumerate(rows) for _ in range(n)]
+    editor.config.isolate_batch = 1.0
+    assert editor.edit(edits).deltas  # isolation runs on 2-D layer inputs too
+
+
 def test_mend_trains_on_tensor_edits_and_reloads(tmp_path):
     model = classifier()
     editor = MEND.for_training(

@@ -11,8 +11,9 @@ leaves the edited matrices' outputs on the stand-ins (nearly) as they were, and 
 Not in any paper: MEND uses it at edit time (``protect_neighbours``). The keys come from one forward pass of
 the stand-in prompts up to the last edited layer (no LM head), in bfloat16 where the hardware computes it
 natively (on this machine's CPU 1.3-1.6x faster than float32, with the same ES/PS/NS on 400 records). As
-extra rows of the edit's own float32 gradient pass they were slower: +0.03 s per stand-in there against
-+0.01 s per prompt plus a fixed ~0.045 s for a pass of their own (2 threads, default model).
+extra rows of the edit's own float32 gradient pass they cost +0.03 s per stand-in, against +0.01 s per prompt
+plus a fixed ~0.045 s for a pass of their own (2 threads, default model); and they would have to be chosen
+before that pass, by a pass of their own (0.02 s): for one stand-in, 5 ms saved of 0.17 s, not worth it.
 
 Which stand-ins: the n subjects of ``SUBJECTS`` (well-known entities of many kinds) nearest to the edit's own
 subject, by the cosine of the subject's last-token MLP input a quarter of the way up the decoder: the pool's

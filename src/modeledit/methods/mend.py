@@ -31,7 +31,6 @@ identity at init and trains.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass, replace
@@ -86,9 +85,9 @@ class MENDConfig:
     # edit time only: the projection's ridge, relative to the stand-in keys' mean squared norm (smaller: the
     # stand-ins' outputs move less, and so may the edit's); None: the saved value (1.0 if none was saved)
     protect_ridge: float | None = None
-    # edit time only (not in the paper): in a batch of k > 1 edits, re-solve the summed update so that each
-    # edit's tokens change only by its own part (``isolate_edits``), with this ridge (relative); 0: the
-    # paper's plain sum; None: the value saved with the editor (0 if none was saved)
+    # edit time only (not in the paper): in a batch of k > 1 edits, correct the summed update so that no
+    # edit moves the other edits' tokens (``isolate_edits``), with this ridge (relative; larger: nearer the
+    # plain sum); 0: the paper's plain sum; None: the value saved with the editor (0 if none was saved)
     isolate_batch: float | None = None
     c_edit: float = 0.1  # weight of the edit NLL in the training loss
     c_loc: float = 1.0  # weight of the locality KL in the training loss
@@ -301,9 +300,12 @@ class MEND(Editor):
         self._stand_ins: StandIns | None = None  # made at creation if protecting, else at the first such edit
         # A protecting editor prepares its stand-in pool now, so that its first edit costs what every edit
         # costs (the pool's pass is setup, like loading the editor); a bad setting is reported by edit().
-        with contextlib.suppress(ValueError):
-            if self.protected_subjects():
-                self.stand_ins.pool_vectors()
+        try:
+            protects = self.protected_subjects() > 0
+        except ValueError:
+            protects = False
+        if protects:
+            self.stand_ins.pool_vectors()
 
     @classmethod
     def for_training(cls, model: nn.Module, tokenizer, config: MENDConfig, task=None) -> MEND:
@@ -345,7 +347,8 @@ class MEND(Editor):
         modules = list(self.network.shapes)
         # The stand-ins are chosen by the subjects' inputs to one early module, watched in the gradient pass.
         watched = [self.stand_ins.similarity_module] if n else []
-        owners: dict[str, torch.Tensor] = {}
+        isolate = isolate if len(requests) > 1 else 0.0  # one edit has no other edits to isolate from
+        owners: dict[str, torch.Tensor] | None = {} if isolate else None
         with Trace(self.model, watched, capture_input=True, capture_output=False, detach=True) as seen:
             factors = gradient_factors(self.model, self.task, requests, modules, owners)
         with torch.no_grad():
@@ -357,7 +360,7 @@ class MEND(Editor):
                 updates = {
                     m: (left, project_away(right, keys[m], ridge)) for m, (left, right) in updates.items()
                 }
-            if isolate and len(requests) > 1:
+            if isolate:
                 updates = {
                     m: (isolate_edits(left, right, factors[m][0], owners[m], isolate), right)
                     for m, (left, right) in updates.items()
