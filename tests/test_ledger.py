@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -210,6 +211,120 @@ def test_export_import_roundtrip(model_dir, tmp_path):
     foreign.edit(other, other_tok, request(0), method="ft", hparams=HPARAMS)
     with pytest.raises(LedgerError, match="for model"):
         foreign.import_(tmp_path / "export")
+
+
+# -- import treats the manifest as untrusted -----------------------------------------------------------------
+
+
+@pytest.fixture
+def export(model_dir, tmp_path):
+    """An export of two applied edits: (its folder, its manifest as a dict)."""
+    model, tok = fresh(model_dir)
+    source = Ledger(tmp_path / "a.db")
+    for i in range(2):
+        source.edit(model, tok, request(i), method="ft", hparams={"steps": 2, "lr": 0.05})
+    source.export(tmp_path / "export")
+    source.close()
+    return tmp_path / "export", json.loads((tmp_path / "export" / "ledger.json").read_text())
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+def _refused(folder: Path, manifest: dict, target: Ledger, match: str) -> str:
+    """Import a tampered manifest: refused with one line, nothing written, the target ledger unchanged."""
+    (folder / "ledger.json").write_text(json.dumps(manifest))
+    rows, files = target.entries(), _files(target.patch_dir.parent)
+    with pytest.raises(LedgerError, match=match) as info:
+        target.import_(folder)
+    assert "\n" not in str(info.value)
+    assert target.entries() == rows and _files(target.patch_dir.parent) == files
+    return str(info.value)
+
+
+def test_import_refuses_an_id_that_is_a_path(export, tmp_path):
+    folder, manifest = export
+    target = Ledger(tmp_path / "ledger" / "b.db")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    relative = os.path.relpath(outside / "PWNED", target.patch_dir)  # ../../outside/PWNED
+    for bad in ("../../../../tmp/x/PWNED", relative):
+        tampered = json.loads(json.dumps(manifest))
+        tampered["entries"][1]["id"] = bad  # patch_file and hash untouched: the bytes a writer would copy
+        _refused(folder, tampered, target, "invalid id")
+        tampered["entries"][1]["patch_file"] = bad + ".safetensors"
+        _refused(folder, tampered, target, "invalid id")
+    assert list(outside.iterdir()) == [] and not Path("/tmp/x/PWNED.safetensors").exists()
+    (folder / "ledger.json").write_text(json.dumps(manifest))
+    assert target.import_(folder) == ([e["id"] for e in manifest["entries"]], [])  # the genuine one works
+
+
+def test_import_refuses_a_patch_file_outside_the_export(export, tmp_path):
+    folder, manifest = export
+    target = Ledger(tmp_path / "b.db")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a patch")
+    relative = os.path.relpath(secret, folder / "patches")
+    for bad, file in [("../../../../etc/hostname", Path("/etc/hostname")), (relative, secret)]:
+        tampered = json.loads(json.dumps(manifest))
+        tampered["entries"][0]["patch_file"] = bad
+        if file.exists():
+            tampered["entries"][0]["patch_sha256"] = _sha(file)  # the hash check alone would pass
+        _refused(folder, tampered, target, "invalid patch_file")
+    # a symbolic link inside patches/ that leads out of the export
+    entry = manifest["entries"][0]
+    link = folder / "patches" / entry["patch_file"]
+    original = link.read_bytes()
+    link.unlink()
+    link.symlink_to(secret)
+    tampered = json.loads(json.dumps(manifest))
+    tampered["entries"][0]["patch_sha256"] = _sha(secret)
+    _refused(folder, tampered, target, "lies outside")
+    link.unlink()
+    link.write_bytes(original)
+    assert target.entries() == [] and list(target.patch_dir.iterdir()) == []
+
+
+def test_import_loads_each_patch_and_checks_it_against_the_manifest(export, tmp_path):
+    folder, manifest = export
+    target = Ledger(tmp_path / "b.db")
+    first, second = manifest["entries"]
+    # the second edit's file holds the first edit's patch (hash updated to match): another edit's patch
+    wrong = folder / "patches" / second["patch_file"]
+    saved = wrong.read_bytes()
+    shutil.copyfile(folder / "patches" / first["patch_file"], wrong)
+    tampered = json.loads(json.dumps(manifest))
+    tampered["entries"][1]["patch_sha256"] = _sha(wrong)
+    message = _refused(folder, tampered, target, "belongs to another edit")
+    assert second["id"] in message
+    wrong.write_bytes(b"junk")  # not a patch at all
+    tampered["entries"][1]["patch_sha256"] = _sha(wrong)
+    _refused(folder, tampered, target, "not a readable safetensors patch")
+    wrong.write_bytes(saved)
+    tampered = json.loads(json.dumps(manifest))
+    tampered["entries"][1]["fingerprint"] = "0" * 32  # the manifest lies about the model
+    _refused(folder, tampered, target, "belongs to another edit or model")
+    _refused(folder, {**manifest, "entries": [first, first]}, target, "appears twice")
+    _refused(folder, {**manifest, "entries": [first, "x"]}, target, "not a JSON object")
+    _refused(folder, {**manifest, "entries": [first, {**second, "hparams": "x"}]}, target, "invalid hparams")
+    _refused(folder, {**manifest, "entries": [first, {**second, "patch_sha256": "../x"}]}, target, "sha256")
+    # a failure while writing (the database refuses) leaves no file of the import behind
+    (folder / "ledger.json").write_text(json.dumps(manifest))
+
+    def broken_tx():
+        raise sqlite3.OperationalError("disk I/O error")
+
+    target._tx = broken_tx
+    with pytest.raises(sqlite3.OperationalError):
+        target.import_(folder)
+    assert list(target.patch_dir.iterdir()) == [] and target.entries() == []
 
 
 # -- the CLI -------------------------------------------------------------------------------------------------

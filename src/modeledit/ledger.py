@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -180,6 +181,54 @@ def _entry(row: sqlite3.Row) -> Entry:
     for k in _JSON_COLUMNS:
         if values[k] is not None:
             values[k] = json.loads(values[k])
+    return Entry(**values)
+
+
+ID_PATTERN = re.compile(r"[0-9a-f]{12}")  # the ids ``Ledger.edit`` makes (uuid4().hex[:12])
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+_MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "created_at": (str,),
+    "applied_at": (str, type(None)),
+    "reverted_at": (str, type(None)),
+    "fingerprint": (str,),
+    "method": (str,),
+    "hparams": (dict,),
+    "requests": (list,),
+    "metrics": (dict, type(None)),
+    "patch_bytes": (int, type(None)),
+}
+
+
+def _manifest_entry(manifest_path: Path, i: int, item: Any) -> Entry:
+    """Entry ``i`` of an export's manifest, checked as untrusted input (its id and file name become paths)."""
+    if not isinstance(item, dict):
+        raise LedgerError(f"{manifest_path}: entry {i} is not a JSON object")
+    missing = [
+        k
+        for k in ("id", "state", "patch_file", "patch_sha256", "fingerprint", "created_at", "method")
+        if not item.get(k)
+    ]
+    if missing:
+        raise LedgerError(f"{manifest_path}: entry {i} is incomplete (no {', '.join(missing)})")
+    edit_id = item["id"]
+    if not isinstance(edit_id, str) or not ID_PATTERN.fullmatch(edit_id):
+        raise LedgerError(f"{manifest_path}: entry {i} has an invalid id {edit_id!r} (ids are 12 hex digits)")
+    if item["patch_file"] != f"{edit_id}.safetensors":
+        raise LedgerError(
+            f"{manifest_path}: entry {i} has an invalid patch_file {item['patch_file']!r} "
+            f"(expected '{edit_id}.safetensors')"
+        )
+    if not isinstance(item["patch_sha256"], str) or not SHA256_PATTERN.fullmatch(item["patch_sha256"]):
+        raise LedgerError(f"{manifest_path}: entry {i} has an invalid patch_sha256")
+    if item["state"] not in ("applied", "reverted"):
+        raise LedgerError(f"{manifest_path}: entry {edit_id} has state {item['state']!r}")
+    values = {k: item[k] for k in _COLUMNS if k in item}
+    values.setdefault("hparams", {})
+    values.setdefault("requests", [])
+    values.setdefault("seq", 0)
+    for key, types in _MANIFEST_TYPES.items():
+        if key in values and (not isinstance(values[key], types) or isinstance(values[key], bool)):
+            raise LedgerError(f"{manifest_path}: entry {edit_id} has an invalid {key} {values[key]!r}")
     return Entry(**values)
 
 
@@ -617,7 +666,11 @@ class Ledger:
     def import_(self, folder: str | Path) -> tuple[list[str], list[str]]:
         """Add the edits of an exported ledger after this one's, in their order; (imported ids, skipped ids).
 
-        Edits whose id is already here are skipped. All or nothing: every patch file is checked first.
+        Edits whose id is already here are skipped. The manifest is untrusted input: ids and file names must
+        be the ones a ledger makes (12 hex digits, ``<id>.safetensors``), every path must stay inside the
+        export's ``patches/`` folder and this ledger's patch folder, and every patch is loaded and its id,
+        fingerprint and SHA-256 compared with the manifest before anything is written. All or nothing: a
+        failed import leaves no rows and no files behind.
         """
         folder = Path(folder)
         manifest_path = folder / "ledger.json" if folder.is_dir() else folder
@@ -626,67 +679,97 @@ class Ledger:
             manifest = json.loads(manifest_path.read_text())
         except OSError as e:
             raise LedgerError(f"cannot read {manifest_path}: {e.strerror or e}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise LedgerError(f"{manifest_path} is not JSON ({e})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
             raise LedgerError(f"{manifest_path} is not a modeledit ledger export")
+        items = manifest.get("entries", [])
+        if not isinstance(items, list):
+            raise LedgerError(f"{manifest_path}: 'entries' is not a list")
+        source_dir = (folder / "patches").resolve()
         existing = {e.id for e in self.entries()}
         fingerprints = {e.fingerprint for e in self.entries() if e.state in ("applied", "reverted")}
-        new, skipped = [], []
-        for i, item in enumerate(manifest.get("entries", [])):
-            missing = [
-                k for k in ("id", "state", "patch_file", "patch_sha256", "fingerprint") if not item.get(k)
-            ]
-            if missing:
-                raise LedgerError(f"{manifest_path}: entry {i} is incomplete (no {', '.join(missing)})")
-            try:
-                e = Entry(**{k: item[k] for k in _COLUMNS if k in item})
-            except TypeError as err:
-                raise LedgerError(f"{manifest_path}: entry {i} is incomplete ({err})") from None
+        new: list[tuple[Entry, Path]] = []
+        skipped: list[str] = []
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            e = _manifest_entry(manifest_path, i, item)
+            if e.id in seen:
+                raise LedgerError(f"{manifest_path}: edit {e.id} appears twice")
+            seen.add(e.id)
             if e.id in existing:
                 skipped.append(e.id)
                 continue
-            if e.state not in ("applied", "reverted"):
-                raise LedgerError(f"{manifest_path}: entry {e.id} has state {e.state!r}")
             if fingerprints and e.fingerprint not in fingerprints:
                 raise LedgerError(
                     f"{manifest_path}: edit {e.id} is for model {e.fingerprint}; this ledger's edits are for "
                     f"{', '.join(sorted(fingerprints))}"
                 )
-            source = folder / "patches" / str(e.patch_file)
-            if not source.exists() or _sha256(source) != e.patch_sha256:
-                raise LedgerError(
-                    f"{manifest_path}: patch file of edit {e.id} is missing or corrupt ({source})"
-                )
-            new.append(e)
-        for e in new:
-            target = self._file(f"{e.id}.safetensors")
-            tmp = target.with_name(target.name + ".partial")
-            shutil.copyfile(folder / "patches" / e.patch_file, tmp)
-            _fsync(tmp)
-            tmp.replace(target)
-            e.patch_file = target.name
-        with self._tx() as db:
-            for e in new:
-                db.execute(
-                    "INSERT INTO edits (id, state, created_at, applied_at, reverted_at, fingerprint, method, "
-                    "hparams, requests, metrics, patch_file, patch_sha256, patch_bytes) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        e.id,
-                        e.state,
-                        e.created_at,
-                        e.applied_at,
-                        e.reverted_at,
-                        e.fingerprint,
-                        e.method,
-                        json.dumps(e.hparams),
-                        json.dumps(e.requests),
-                        None if e.metrics is None else json.dumps(e.metrics),
-                        e.patch_file,
-                        e.patch_sha256,
-                        e.patch_bytes,
-                    ),
-                )
-                self._log(db, e.id, "imported", str(manifest_path))
-        return [e.id for e in new], skipped
+            new.append((e, self._checked_source(manifest_path, source_dir, e)))
+        written: list[Path] = []
+        try:
+            for e, source in new:
+                target = self._file(f"{e.id}.safetensors")
+                if target.resolve().parent != self.patch_dir.resolve():  # cannot happen with a checked id
+                    raise LedgerError(f"{manifest_path}: edit {e.id} would be written outside the ledger")
+                tmp = target.with_name(target.name + ".partial")
+                written.append(tmp)
+                shutil.copyfile(source, tmp)
+                _fsync(tmp)
+                if _sha256(tmp) != e.patch_sha256:  # the source changed after it was checked
+                    raise LedgerError(f"{manifest_path}: patch file of edit {e.id} changed while importing")
+                written.append(target)
+                tmp.replace(target)
+                e.patch_file = target.name
+            with self._tx() as db:
+                for e, _ in new:
+                    db.execute(
+                        "INSERT INTO edits (id, state, created_at, applied_at, reverted_at, fingerprint, "
+                        "method, hparams, requests, metrics, patch_file, patch_sha256, patch_bytes) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            e.id,
+                            e.state,
+                            e.created_at,
+                            e.applied_at,
+                            e.reverted_at,
+                            e.fingerprint,
+                            e.method,
+                            json.dumps(e.hparams),
+                            json.dumps(e.requests),
+                            None if e.metrics is None else json.dumps(e.metrics),
+                            e.patch_file,
+                            e.patch_sha256,
+                            e.patch_bytes,
+                        ),
+                    )
+                    self._log(db, e.id, "imported", str(manifest_path))
+        except BaseException:
+            for path in written:  # all or nothing: no file of a failed import stays behind
+                path.unlink(missing_ok=True)
+            raise
+        return [e.id for e, _ in new], skipped
+
+    def _checked_source(self, manifest_path: Path, source_dir: Path, e: Entry) -> Path:
+        """The export's patch file of ``e``, inside ``source_dir``, loaded and matching the manifest."""
+        source = (source_dir / str(e.patch_file)).resolve()
+        if source.parent != source_dir:  # a symbolic link out of the export
+            raise LedgerError(f"{manifest_path}: patch file of edit {e.id} lies outside {source_dir}")
+        if not source.is_file():
+            raise LedgerError(f"{manifest_path}: patch file of edit {e.id} is missing ({source})")
+        digest = _sha256(source)
+        if digest != e.patch_sha256:
+            raise LedgerError(
+                f"{manifest_path}: patch file of edit {e.id} is corrupt (SHA-256 {digest[:12]}..., "
+                f"the manifest says {e.patch_sha256[:12]}...)"
+            )
+        try:
+            patch = Patch.load(source)
+        except PatchError as err:
+            raise LedgerError(f"{manifest_path}: edit {e.id}: {err}") from None
+        if patch.id != e.id or patch.fingerprint != e.fingerprint:
+            raise LedgerError(
+                f"{manifest_path}: patch file of edit {e.id} belongs to another edit or model "
+                f"(patch {patch.id} for model {patch.fingerprint})"
+            )
+        return source
