@@ -375,6 +375,122 @@ def test_cli_ledger_commands(model_dir, tmp_path):
         assert message in result.output and "Traceback" not in result.output
 
 
+# -- opening a file: another application's database is never modified; read-only ledgers can be read ---------
+
+
+def _state_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} | {
+        p.name + "/": b"" for p in folder.iterdir() if p.is_dir()
+    }
+
+
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_a_foreign_sqlite_file_is_never_modified(tmp_path, journal):
+    folder = tmp_path / "app"
+    folder.mkdir()
+    path = folder / "app.db"
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA journal_mode={journal}")
+    db.execute("CREATE TABLE meta (key TEXT, value TEXT)")  # even a table of the same name
+    db.execute("INSERT INTO meta VALUES ('owner', 'someone else')")
+    db.commit()
+    db.close()
+    before = _state_of(folder)
+    for read_only in (False, True):
+        with pytest.raises(LedgerError, match="another application") as info:
+            Ledger(path, read_only=read_only)
+        assert "\n" not in str(info.value)
+    for args in (["ledger", "list"], ["ledger", "show", "abc"], ["ledger", "revert", "abc"]):
+        result = runner.invoke(app, [*args, "--db", str(path)])
+        assert result.exit_code == 2, result.output
+        assert "another application" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["ledger", "import", str(tmp_path / "nothing"), "--db", str(path)])
+    assert result.exit_code == 2 and "another application" in result.output, result.output
+    assert _state_of(folder) == before  # same bytes, no -wal/-shm files, no .patches folder
+
+
+def test_new_and_legacy_ledgers_open(tmp_path):
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    no_tables = tmp_path / "no-tables.db"
+    sqlite3.connect(no_tables).execute("VACUUM").connection.close()  # a valid database without tables
+    for path in (tmp_path / "absent.db", empty, no_tables):
+        with Ledger(path) as ledger:
+            assert ledger.entries() == [] and ledger.patch_dir.is_dir()
+        assert Ledger(path, read_only=True).version() == 0
+    # a ledger made before the marker row existed is recognised by its tables and gets the marker
+    db = sqlite3.connect(empty)
+    db.execute("DELETE FROM meta WHERE key = 'application'")
+    db.commit()
+    db.close()
+    with Ledger(empty) as ledger:
+        assert ledger._meta("application") == "modeledit-ledger"
+
+
+def test_reading_commands_open_the_ledger_read_only(model_dir, tmp_path, monkeypatch):
+    model, tok = fresh(model_dir)
+    path = tmp_path / "edits.db"
+    with Ledger(path) as ledger:
+        entry = ledger.edit(model, tok, request(0), method="ft", hparams={"steps": 2, "lr": 0.05})
+    uris: list[str] = []
+    connect = sqlite3.connect
+
+    def spy(database, *args, **kwargs):
+        uris.append(str(database))
+        return connect(database, *args, **kwargs)
+
+    monkeypatch.setattr("modeledit.ledger.sqlite3.connect", spy)
+    for args in (["ledger", "list"], ["ledger", "show", entry.id]):
+        uris.clear()
+        result = runner.invoke(app, [*args, "--db", str(path)])
+        assert result.exit_code == 0 and entry.id in result.output, result.output
+        assert uris and all("mode=ro" in u for u in uris), uris
+    uris.clear()
+    result = runner.invoke(app, ["ledger", "export", "--db", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0 and all("mode=ro" in u for u in uris), (result.output, uris)
+    reader = Ledger(path, read_only=True)
+    assert [e.id for e in reader.entries()] == [entry.id] and reader.patch(entry.id).id == entry.id
+    with pytest.raises(LedgerError, match="opened read-only"):
+        reader.revert(entry.id)
+    assert Ledger(path).get(entry.id).state == "applied"
+
+
+def _permissions_enforced(folder: Path) -> bool:
+    """False for a process that writes into read-only folders anyway (root with CAP_DAC_OVERRIDE)."""
+    probe = folder / "probe"
+    probe.mkdir(mode=0o555)
+    try:
+        (probe / "x").touch()
+    except PermissionError:
+        return True
+    finally:
+        probe.chmod(0o755)
+    return False
+
+
+def test_a_ledger_in_a_read_only_folder_can_be_listed(model_dir, tmp_path):
+    if not _permissions_enforced(tmp_path):
+        pytest.skip("this process ignores file permissions (root)")
+    model, tok = fresh(model_dir)
+    folder = tmp_path / "ro"
+    path = folder / "edits.db"
+    with Ledger(path) as ledger:
+        entry = ledger.edit(model, tok, request(0), method="ft", hparams={"steps": 2, "lr": 0.05})
+    path.chmod(0o444)
+    folder.chmod(0o555)
+    try:
+        for args in (["ledger", "list"], ["ledger", "show", entry.id]):
+            result = runner.invoke(app, [*args, "--db", str(path)])
+            assert result.exit_code == 0 and entry.id in result.output, result.output
+        result = runner.invoke(app, ["ledger", "revert", entry.id, "--db", str(path)])
+        output = " ".join(result.output.split())  # rich wraps long lines at the terminal width
+        assert result.exit_code == 2 and "for writing (attempt to write a readonly" in output, output
+        assert "Traceback" not in result.output
+    finally:
+        folder.chmod(0o755)
+        path.chmod(0o644)
+
+
 # -- crash safety: real processes, real SIGKILL ------------------------------------------------------------
 #
 # A "zygote" process imports torch, transformers and modeledit once; each scenario is a fork of it (the zygote

@@ -604,12 +604,14 @@ app.add_typer(ledger_app, name="ledger")
 DB_OPTION = typer.Option(..., "--db", help="the ledger database file")
 
 
-def _open_ledger(db: Path, create: bool = False):
+def _open_ledger(db: Path, create: bool = False, read_only: bool = False):
+    """The ledger at ``db``; commands that only read open it read-only (``mode=ro``), so a ledger in a
+    folder this user cannot write can still be listed, shown, exported and replayed."""
     from .ledger import Ledger, LedgerError
 
     if not create and not db.is_file():
         raise LedgerError(f"no ledger database at {db}")
-    return Ledger(db)
+    return Ledger(db, read_only=read_only)
 
 
 def _p(value) -> str:
@@ -624,7 +626,7 @@ def ledger_list(
     """The edits, oldest first, with P(new target) before and after (`ledger show` has the answers)."""
 
     def body():
-        with _open_ledger(db) as ledger:
+        with _open_ledger(db, read_only=True) as ledger:
             entries = ledger.entries(state)
         table = Table(title=f"{len(entries)} edits in {db}", title_justify="left")
         table.add_column("id", no_wrap=True)
@@ -652,7 +654,7 @@ def ledger_show(
     """One edit as JSON: method, hyperparameters, requests, metrics, patch file and hash, events."""
 
     def body():
-        with _open_ledger(db) as ledger:
+        with _open_ledger(db, read_only=True) as ledger:
             entry = ledger.get(edit_id)
             data = entry.to_dict() | {"events": ledger.events(entry.id)}
         typer.echo(json.dumps(data, indent=1))
@@ -690,7 +692,7 @@ def ledger_replay(
     def body():
         from .ledger import weights_digest
 
-        with _open_ledger(db) as ledger:
+        with _open_ledger(db, read_only=True) as ledger:
             model, tokenizer = _load(model_name)
             entries = ledger.replay(model)
         console.print(
@@ -712,7 +714,7 @@ def ledger_export(
     """Copy the applied and reverted edits, with their patch files, to a folder."""
 
     def body():
-        with _open_ledger(db) as ledger:
+        with _open_ledger(db, read_only=True) as ledger:
             manifest = ledger.export(out)
             n = len(json.loads(manifest.read_text())["entries"])
         console.print(f"exported {n} edits to {out}")

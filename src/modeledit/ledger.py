@@ -50,6 +50,7 @@ from .requests import EditRequest, EditRequestError
 SCHEMA_VERSION = 1
 EXPORT_FORMAT = "modeledit-ledger"
 STATES = ("pending", "applied", "reverted", "aborted")
+MARKER = ("application", "modeledit-ledger")  # the meta row that says "this file is a ledger"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -132,6 +133,21 @@ def weights_digest(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _ledger_tables(uri: str) -> bool | None:
+    """None if the SQLite database at ``uri`` has no tables, True if it is a modeledit ledger, else False."""
+    db = sqlite3.connect(uri, uri=True, timeout=30)
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return None
+        if not {"meta", "edits", "events"} <= tables:
+            return False
+        keys = {r[0] for r in db.execute("SELECT key FROM meta")}
+        return MARKER[0] in keys or "schema_version" in keys  # the marker, or a ledger made before it
+    finally:
+        db.close()
 
 
 @dataclass
@@ -282,40 +298,108 @@ class Ledger:
     >>> ledger.revert(entry.id, model)             # any entry, not only the last
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, read_only: bool = False):
+        """Open (or create) a ledger. A file that is not a modeledit ledger is refused and never modified;
+        ``read_only`` opens an existing ledger for reading only (``mode=ro``: no recovery, no writes)."""
         self.path = Path(path)
         self.patch_dir = self.path.with_name(self.path.name + ".patches")
+        self.read_only = read_only
         if self.path.is_dir():
             raise LedgerError(f"{self.path} is a directory; give the ledger's database file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._patches: dict[str, Patch] = {}
-        try:
-            # Autocommit mode: every write below is an explicit BEGIN IMMEDIATE ... COMMIT transaction.
-            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            with self._tx() as db:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                db.execute("INSERT OR IGNORE INTO meta VALUES ('changes', '0')")
-        except sqlite3.DatabaseError as e:
-            raise LedgerError(f"{self.path} is not a modeledit ledger database ({e})") from None
-        version = int(self._meta("schema_version"))
+        if read_only:
+            self._db = self._connect_read_only()
+        else:
+            new = self._probe()  # before anything writes: another application's file stays untouched
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                # Autocommit mode: every write below is an explicit BEGIN IMMEDIATE ... COMMIT transaction.
+                self._db = sqlite3.connect(
+                    self.path, timeout=30, isolation_level=None, check_same_thread=False
+                )
+                self._db.row_factory = sqlite3.Row
+                if new:  # the schema first, then WAL: a crash in between leaves a file that reads as new
+                    self._create_schema()
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                # ledgers made before the marker existed get it (they were recognised by their tables)
+                with self._tx() as db:
+                    db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", MARKER)
+            except sqlite3.OperationalError as e:  # e.g. a read-only file or folder: not the file's fault
+                raise LedgerError(f"cannot open the ledger {self.path} for writing ({e})") from None
+            except sqlite3.DatabaseError as e:
+                raise LedgerError(f"{self.path} is not a modeledit ledger database ({e})") from None
+        version = int(self._meta("schema_version") or 0)
         if version > SCHEMA_VERSION:
             raise LedgerError(
                 f"{self.path} has ledger schema {version}; this modeledit reads up to {SCHEMA_VERSION}"
             )
-        self.patch_dir.mkdir(exist_ok=True)
-        self.recover()
+        if not read_only:
+            self.patch_dir.mkdir(exist_ok=True)
+            self.recover()
+
+    def _probe(self) -> bool:
+        """True if the file is new (absent, empty, or an SQLite database without tables); raise
+        ``LedgerError`` unless it is a modeledit ledger. Only reads, and leaves no -wal/-shm files behind
+        beside another application's database where none were."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return True
+        uri = self.path.resolve().as_uri()
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            # immutable: no locks, no -shm file; it misses a -wal file's content, read with mode=ro then
+            found = _ledger_tables(uri + "?mode=ro&immutable=1")
+            if found is None and wal.exists() and wal.stat().st_size > 0:
+                found = _ledger_tables(uri + "?mode=ro")
+        except sqlite3.DatabaseError:
+            try:  # a file being written meanwhile can look torn without locks: read it properly
+                found = _ledger_tables(uri + "?mode=ro")
+            except sqlite3.DatabaseError as e:
+                raise LedgerError(f"{self.path} is not a modeledit ledger database ({e})") from None
+        if found is None:
+            return True
+        if found:
+            return False
+        raise LedgerError(
+            f"{self.path} is an SQLite database of another application (no modeledit ledger tables); "
+            "left unchanged: give a new file for the ledger"
+        )
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A ``mode=ro`` connection to an existing ledger (also one in a folder this process cannot write)."""
+        if not self.path.is_file():
+            raise LedgerError(f"no ledger database at {self.path}")
+        if self._probe():
+            raise LedgerError(f"{self.path} is not a modeledit ledger database (it holds no ledger yet)")
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        try:
+            db = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+            db.execute("SELECT count(*) FROM meta").fetchone()
+        except sqlite3.OperationalError:
+            # A WAL database needs its -shm file; where the folder is read-only nobody can be writing, so
+            # the file may be read as immutable.
+            db = sqlite3.connect(
+                uri + "&immutable=1", uri=True, timeout=30, isolation_level=None, check_same_thread=False
+            )
+        db.row_factory = sqlite3.Row
+        return db
+
+    def _create_schema(self) -> None:
+        with self._tx() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('changes', '0')")
+            db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", MARKER)
 
     # -- low level -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: all of it is committed, or (on any error or a kill) none of it."""
+        if self.read_only:
+            raise LedgerError(f"the ledger {self.path} was opened read-only")
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -438,7 +522,7 @@ class Ledger:
                     problems.append(str(err))
             elif e.state == "pending":
                 problems.append(f"edit {e.id} is pending (being computed by process {self._owner(e.id)})")
-        for path in self.patch_dir.iterdir():
+        for path in self.patch_dir.iterdir() if self.patch_dir.is_dir() else ():
             if path.name not in known:
                 problems.append(f"{path} belongs to no edit")
         return problems
