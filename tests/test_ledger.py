@@ -23,7 +23,7 @@ from modeledit import EditRequestError, Ledger, Patch
 from modeledit.cli import app
 from modeledit.ledger import EditStateError, LedgerError, UnknownEditError, weights_digest
 from modeledit.models import fingerprint, load_model
-from modeledit.patch import applied_patches
+from modeledit.patch import PatchError, applied_patches
 
 HPARAMS = {"steps": 5, "lr": 0.05}
 FACTS = [("Zorbia", "Quux"), ("Ylland", "Blip"), ("Xer", "Mop"), ("Wum", "Zap")]
@@ -165,6 +165,19 @@ def test_bad_edits_record_nothing_or_end_aborted(model_dir, tmp_path, base_diges
     assert entry.state == "aborted" and "TypeError" in entry.error and entry.patch_file is None
     assert weights_digest(model) == base_digest and applied_patches(model) == []
     assert list(ledger.patch_dir.iterdir()) == [] and ledger.verify() == []
+
+
+def test_a_diverged_edit_ends_aborted_and_changes_nothing(model_dir, tmp_path, base_digest):
+    model, tok = fresh(model_dir)
+    ledger = Ledger(tmp_path / "edits.db")
+    with pytest.raises(PatchError, match=r"non-finite values .* change lr=1e\+30"):
+        ledger.edit(model, tok, request(0), method="ft", hparams={"steps": 3, "lr": 1e30})
+    (entry,) = ledger.entries()
+    assert entry.state == "aborted" and "PatchError" in entry.error and entry.patch_file is None
+    assert weights_digest(model) == base_digest and applied_patches(model) == []
+    assert list(ledger.patch_dir.iterdir()) == [] and ledger.verify() == []
+    ledger.close()
+    assert Ledger(tmp_path / "edits.db").entries("applied") == []  # nothing comes back on a restart
 
 
 def test_wrong_model_and_corrupt_patch_are_refused(model_dir, tmp_path):

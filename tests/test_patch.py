@@ -16,6 +16,7 @@ from modeledit.models import fingerprint
 from modeledit.patch import (
     FORMAT_VERSION,
     LowRank,
+    Memory,
     Patch,
     PatchError,
     applied_patches,
@@ -407,3 +408,57 @@ def test_load_newer_format_is_refused(tmp_path):
     meta = mixed_patch(model, "llama", seed=1).metadata() | {"format_version": FORMAT_VERSION + 1}
     with pytest.raises(PatchError, match=f"patch format {FORMAT_VERSION + 1}; this modeledit reads up to"):
         Patch.load(_with_metadata(tmp_path, json.dumps(meta)))
+
+
+# -- non-finite edits are refused before they exist or touch a model ----------------------------------------
+def test_a_diverged_edit_is_refused_and_the_model_untouched(tokenizer, one_thread):
+    from modeledit import EditRequest, create_editor
+
+    model = tiny_model("llama")
+    base = snapshot(model)
+    request = EditRequest(prompt="The capital of {} is", subject="Zorbia", target_new="Quux")
+    editor = create_editor("ft", model, tokenizer, lr=1e30, steps=3)  # Adam moves every weight by ~1e30
+    with pytest.raises(PatchError, match=r"non-finite values .* change lr=1e\+30, steps=3") as info:
+        editor.edit(request)
+    assert "model.layers." in str(info.value) and "\n" not in str(info.value)
+    assert_params_equal(model, base)
+    assert applied_patches(model) == []
+    assert create_editor("ft", model, tokenizer, lr=0.05, steps=2).edit(request).deltas  # sane settings work
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_patch_with_a_non_finite_value_cannot_be_applied_or_loaded(tmp_path, bad):
+    model = tiny_model("llama")
+    base = snapshot(model)
+    patch = mixed_patch(model, "llama", seed=1)
+    attn = f"{ATTN['llama']}.weight"
+    patch.deltas[attn] = patch.deltas[attn].clone()
+    patch.deltas[attn][0, 0] = bad
+    with pytest.raises(PatchError, match=f"the delta of {attn} computed by test has 1 non-finite"):
+        patch.apply(model)
+    assert_params_equal(model, base)  # no parameter changed, not even the ones before the bad one
+    assert applied_patches(model) == []
+    path = patch.save(tmp_path / "bad.safetensors")  # an old or hand-made file
+    with pytest.raises(PatchError, match=f"bad.safetensors: the delta of {attn}"):
+        Patch.load(path)
+    # a low-rank factor, and a memory tensor
+    lowrank = lowrank_patch(model, architecture(model).last_mlp_linears(1), seed=2)
+    name, delta = next(iter(lowrank.deltas.items()))
+    delta.b[0, 0] = bad
+    with pytest.raises(PatchError, match=rf"delta of {name} \(factor b\)"):
+        lowrank.apply(model)
+    memory = Memory(kind="grace", tensors={"values": torch.tensor([1.0, bad])})
+    with pytest.raises(PatchError, match="grace memory tensor values"):
+        Patch(deltas={}, fingerprint=fingerprint(model), method="grace", memory=memory).apply(model)
+    assert_params_equal(model, base)
+
+
+def test_a_finite_delta_that_overflows_a_half_precision_model_is_refused():
+    model = tiny_model("llama").half()
+    base = snapshot(model)
+    attn = f"{ATTN['llama']}.weight"
+    delta = torch.full(model.get_parameter(attn).shape, 1e6)  # finite in float32, inf in float16
+    patch = Patch(deltas={attn: delta}, fingerprint=fingerprint(model), method="ft", hparams={"lr": 1.0})
+    with pytest.raises(PatchError, match=r"change lr=1.0, e.g. a smaller lr \(or edit a float32 copy"):
+        patch.apply(model)
+    assert_params_equal(model, base)

@@ -166,6 +166,7 @@ def test_edit_list_get_revert(client, model_dir):
         ({"method": "mend", "hparams": {}}, "no trained MEND editor"),  # not available for this model
         ({"hparams": {"bogus": 1}}, "unknown hyperparameter"),
         ({"hparams": {"steps": 10_000}}, "at most 200"),
+        ({"hparams": {"steps": 3, "lr": 1e30}}, "non-finite values (NaN or inf)"),  # diverges: all-NaN deltas
         ({"target_new": ""}, "target_new"),
         ({"prompt": "The capital of {} is", "subject": None}, "subject"),
         ({"unexpected": 1}, "unexpected"),

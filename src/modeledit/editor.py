@@ -18,7 +18,7 @@ from torch import nn
 
 from .arch import Architecture, architecture, last_linears
 from .models import fingerprint
-from .patch import Delta, Patch
+from .patch import Delta, Patch, check_finite
 from .requests import EditRequest, EditRequestError
 from .tasks import Task, TensorEdit, resolve_task
 
@@ -64,6 +64,8 @@ class Editor:
         start = time.perf_counter()
         deltas = self.compute_deltas(requests)
         seconds = time.perf_counter() - start
+        # a diverged optimisation (NaN / inf) never becomes a patch
+        check_finite(deltas, method=self.name, hparams=dataclasses.asdict(self.config))
         changed = [n for n, p in self.model.named_parameters() if p._version != versions[n]]
         if changed:
             raise RuntimeError(

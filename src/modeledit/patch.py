@@ -80,6 +80,59 @@ def linear_dense_delta(
     return f"{module_name}.weight", (delta_out_in.T if is_transposed(module) else delta_out_in).contiguous()
 
 
+# Hyperparameters that set how far an optimisation or a learned editor moves the weights: where a
+# non-finite delta comes from. A name matches if it is one of these or contains "lr" or "alpha".
+_STEP_HPARAMS = ("steps", "norm_constraint", "clamp_norm", "mom2_update_weight", "l2", "epsilon_init")
+
+
+_HALF = (torch.float16, torch.bfloat16)  # where Adam's eps underflows and large deltas overflow
+
+
+def _step_hparams(hparams: dict[str, Any]) -> str:
+    """What to change after a divergence: the step-size settings in ``hparams`` with their values."""
+    names = [k for k in hparams if k in _STEP_HPARAMS or "lr" in k.split("_") or "alpha" in k]
+    if not names:
+        return "change the method's step-size settings"
+    rates = [k for k in names if "lr" in k.split("_") or "alpha" in k]
+    hint = f", e.g. a smaller {rates[0]}" if rates else ""
+    return "change " + ", ".join(f"{k}={hparams[k]!r}" for k in names) + hint
+
+
+def check_finite(
+    deltas: dict[str, Delta],
+    memory: Memory | None = None,
+    *,
+    method: str = "",
+    hparams: dict[str, Any] | None = None,
+    where: str = "",
+) -> None:
+    """Raise ``PatchError`` if any delta (both factors of a low-rank one) or memory tensor holds NaN or inf.
+
+    A diverged optimisation (too large a learning rate, Adam in half precision) gives non-finite deltas
+    that would turn every answer of the model into NaN; they must never become an applied patch. The
+    message names the parameter and the hyperparameters to change.
+    """
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for name, d in deltas.items():
+        if isinstance(d, LowRank):
+            tensors += [(f"the delta of {name} (factor a)", d.a), (f"the delta of {name} (factor b)", d.b)]
+        else:
+            tensors.append((f"the delta of {name}", d))
+    if memory is not None:
+        tensors += [(f"the {memory.kind} memory tensor {n}", t) for n, t in memory.tensors.items()]
+    for what, t in tensors:
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                prefix = f"{where}: " if where else ""
+                by = f" by {method}" if method else ""
+                half = " (or edit a float32 copy of the model)" if t.dtype in _HALF else ""
+                raise PatchError(
+                    f"{prefix}{what} computed{by} has {bad} non-finite values (NaN or inf) of {t.numel()}: "
+                    f"the edit diverged and is refused; {_step_hparams(hparams or {})}{half}"
+                )
+
+
 # -- memories: module attachments of memory-based editors ---------------------------------------------
 
 
@@ -208,23 +261,24 @@ class Patch:
         return params
 
     @torch.no_grad()
-    def _add_to(self, params: dict[str, nn.Parameter]) -> None:
-        for name in self.deltas:
-            p = params[name]
-            p.add_(self.dense(name).to(device=p.device, dtype=p.dtype))
-
-    @torch.no_grad()
     def apply(self, model: nn.Module) -> Patch:
-        """Add the deltas to the model's weights (in place)."""
+        """Add the deltas to the model's weights (in place); a patch with NaN or inf values is refused."""
         params = self._check(model)
         state = _state(model)
         # By id too: the same patch loaded twice from its file must not be added twice.
         if any(p is self or p.id == self.id for p in state.applied):
             raise PatchError(f"patch {self.id} is already applied to this model")
+        # Checked before any weight changes, as stored and in the parameters' dtype: a finite float32
+        # delta (or a product of finite factors) can still overflow a float16 model.
+        where = f"patch {self.id}"
+        check_finite(self.deltas, self.memory, method=self.method, hparams=self.hparams, where=where)
+        dense = {n: self.dense(n).to(device=params[n].device, dtype=params[n].dtype) for n in self.deltas}
+        check_finite(dense, method=self.method, hparams=self.hparams, where=where)
         for name in self.deltas:
             if name not in state.base:
                 state.base[name] = params[name].detach().clone()
-        self._add_to(params)
+        for name, d in dense.items():
+            params[name].add_(d)
         state.applied.append(self)
         if self.memory is not None:
             try:
@@ -325,7 +379,7 @@ class Patch:
                     tensors={name: tensors[f"memory/{name}"] for name in m["tensors"]},
                     meta=m.get("meta", {}),
                 )
-            return cls(
+            patch = cls(
                 deltas=deltas,
                 fingerprint=meta["fingerprint"],
                 method=meta["method"],
@@ -337,6 +391,9 @@ class Patch:
             )
         except (KeyError, AttributeError, TypeError) as e:
             raise PatchError(f"{path} is an incomplete or corrupt modeledit patch (missing {e})") from None
+        hparams = patch.hparams if isinstance(patch.hparams, dict) else {}
+        check_finite(patch.deltas, patch.memory, method=patch.method, hparams=hparams, where=str(path))
+        return patch
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ from ..arch import Architecture
 from ..editor import Editor, register
 from ..hooks import BlockReplay
 from ..lm import aligned_logits, mean_nll, target_batch
-from ..patch import Delta, Memory, Patch, applied_memories, register_memory
+from ..patch import Delta, Memory, Patch, applied_memories, check_finite, register_memory
 from ..requests import EditRequest
 
 KIND = "grace"
@@ -60,6 +60,7 @@ class MemoryEditor(Editor):
         self._memory: Memory | None = None
         patch = super().edit(requests)  # validation, timing, the no-mutation guard; calls compute_deltas
         patch.memory = self._memory
+        check_finite({}, patch.memory, method=self.name, hparams=patch.hparams)  # a diverged memory
         return patch
 
     def compute_deltas(self, requests: list[EditRequest]) -> dict[str, Delta]:
