@@ -17,10 +17,32 @@ import torch
 from torch import nn
 
 from .arch import Architecture, architecture, last_linears
+from .forms import rendered
+from .hparams import check_hparams
 from .models import fingerprint
 from .patch import Delta, Patch, check_finite
 from .requests import EditRequest, EditRequestError
 from .tasks import Task, TensorEdit, resolve_task
+from .verify import check_patch
+
+MAX_TRIES = 3  # verify=True: an edit and at most two stronger ones
+
+
+def stronger(config: Any, ladder: dict[str, float], step: int) -> Any:
+    """``config`` with each field of ``ladder`` multiplied by its factor ** ``step`` (ints rounded; an unset
+    float such as MEND's alpha_scale counts as 1; a dict of per-layer values is scaled value by value)."""
+    changes = {}
+    for name, factor in ladder.items():
+        value, scale = getattr(config, name), factor**step
+        if isinstance(value, dict):
+            changes[name] = {k: v * scale for k, v in value.items()}
+        elif isinstance(value, bool):
+            continue
+        elif isinstance(value, int):
+            changes[name] = max(1, round(value * scale))
+        else:
+            changes[name] = (1.0 if value is None else value) * scale
+    return dataclasses.replace(config, **changes)
 
 
 def default_modules(model: nn.Module, task: Task, num_blocks: int) -> list[str]:
@@ -37,6 +59,8 @@ class Editor:
     needs_subject: ClassVar[bool] = False
     any_model: ClassVar[bool] = False  # edits any nn.Module through a Task (else: language models only)
     trained_folder: ClassVar[str] = "editor_path"  # the config field that ``--editor DIR`` sets
+    # verify=True: config fields multiplied by factor ** k on the k-th retry of an edit that does not hold
+    strengthen: ClassVar[dict[str, float]] = {}
 
     def __init__(self, model: nn.Module, tokenizer, config: Any, task: Task | str | Any = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -52,17 +76,46 @@ class Editor:
     def default_modules(self, num_blocks: int) -> list[str]:
         return default_modules(self.model, self.task, num_blocks)
 
-    def edit(self, requests: EditRequest | TensorEdit | list) -> Patch:
-        """Compute the patch that makes the model answer each request's target. The model is not changed."""
+    def edit(self, requests: EditRequest | TensorEdit | list, verify: bool = False) -> Patch:
+        """Compute the patch that makes the model answer each request's target. The model is not changed.
+
+        Requests in chat or question form are rendered first (``forms.rendered``): methods see the prompts
+        as the model does. ``verify``: generate with the patch applied (then reverted) and record whether
+        the edit holds in ``patch.info["verify"]`` (see ``verify.py``); an edit that does not hold is
+        strengthened along the method's ``strengthen`` ladder, at most ``MAX_TRIES`` tries in all."""
         if isinstance(requests, (EditRequest, TensorEdit)):
             requests = [requests]
         if not requests:
             raise EditRequestError("no edit requests given")
-        self.task.validate(requests, self)
+        shown = [rendered(r, self.tokenizer) if isinstance(r, EditRequest) else r for r in requests]
+        self.task.validate(shown, self)
+        patch = self.make_patch(shown, requests)
+        if not verify:
+            return patch
+        if not self.task.is_language_model:
+            raise ValueError("verify=True reads generated answers: it needs a language model")
+        first = patch, check_patch(self.model, self.tokenizer, patch, requests)
+        checks, tries, seconds, base = first[1], 1, patch.info["seconds"], self.config
+        try:
+            while not checks["holds"] and tries < MAX_TRIES and self.strengthen:
+                self.config = stronger(base, self.strengthen, tries)
+                patch = self.make_patch(shown, requests)
+                seconds += patch.info["seconds"]
+                checks = check_patch(self.model, self.tokenizer, patch, requests)
+                tries += 1
+        finally:
+            self.config = base
+        if not checks["holds"]:  # no try held: keep the method's own edit (a stronger one may break more)
+            patch, checks = first
+        patch.info |= {"verify": checks | {"tries": tries}, "seconds_all_tries": seconds}
+        return patch
+
+    def make_patch(self, shown: list, requests: list) -> Patch:
+        """The patch for the rendered requests ``shown`` (``requests`` as given are what it records)."""
         # In-place writes bump a tensor's version counter: a cheap guard that editors never mutate the model.
         versions = {n: p._version for n, p in self.model.named_parameters()}
         start = time.perf_counter()
-        deltas = self.compute_deltas(requests)
+        deltas = self.compute_deltas(shown)
         seconds = time.perf_counter() - start
         # a diverged optimisation (NaN / inf) never becomes a patch
         check_finite(deltas, method=self.name, hparams=dataclasses.asdict(self.config))
@@ -125,6 +178,7 @@ def create_editor(
     unknown = set(overrides) - valid
     if unknown:
         raise ValueError(f"{method}: unknown hyperparameter(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    check_hparams(method, cls.Config(**overrides))  # types and ranges, before any model work
     if task is None:
         return cls(model, tokenizer, cls.Config(**overrides))
     if not cls.any_model:

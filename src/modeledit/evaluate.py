@@ -37,15 +37,23 @@ from tqdm.auto import tqdm
 
 from .arch import architecture
 from .editor import Editor
+from .forms import FORMS, in_chat_form, render_chat, rendered
 from .lm import generate, is_seq2seq, mean_nll, target_batch, text_perplexity
 from .locality import default_locality_texts
-from .metrics import n_gram_entropy, record_metrics, score_request, summarize
+from .metrics import (
+    generated_answers,
+    generation_metrics,
+    n_gram_entropy,
+    record_metrics,
+    score_request,
+    summarize,
+)
 from .models import fingerprint
 from .patch import Patch, revert_all
 from .requests import EditRequest
 from .training.trainer import peak_rss_mb
 
-SUMMARY_KEYS = ("ES", "PS", "NS", "S", "EM", "PM", "NM")
+SUMMARY_KEYS = ("ES", "PS", "NS", "S", "ES_gen", "PS_gen", "NS_gen", "EM", "PM", "NM")
 SAVE_SECONDS = 60.0  # a checkpointed sequential run saves its stream at most this often (and after the end)
 REFERENCE_SAMPLES = 50  # records whose reference passes are timed, spread over a run
 
@@ -56,6 +64,7 @@ def reference_seconds(model: nn.Module, tokenizer, r: EditRequest) -> tuple[floa
     names = [f"{m}.weight" for m in architecture(model).last_mlp_linears(3)]
     params = dict(model.named_parameters())
     leaves = {n: params[n].detach().requires_grad_(True) for n in names}
+    r = rendered(r, tokenizer)
     batch = target_batch(tokenizer, [r.text], [r.target_new], is_seq2seq(model))
     start = time.perf_counter()
     with torch.no_grad():
@@ -78,13 +87,21 @@ def time_reference_passes(
 
 
 def _fluency(model: nn.Module, tokenizer, r: EditRequest, max_new_tokens: int) -> float:
+    r = rendered(r, tokenizer)
     prompts = r.generation_prompts or [r.text]
     return n_gram_entropy(generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens))
 
 
-def _record_result(model, tokenizer, r: EditRequest, pre: dict, fluency_tokens: int, edited: bool) -> dict:
-    post = record_metrics(score_request(model, tokenizer, r)) if edited else pre  # unedited: scored already
+def _record_result(
+    model, tokenizer, r: EditRequest, pre: dict, fluency_tokens: int, edited: bool, before: dict | None
+) -> dict:
+    """One record's scores after its edit; ``before``: the unedited model's answers (None: no generation)."""
+    post = record_metrics(score_request(model, tokenizer, r)) if edited else dict(pre)  # unedited: scored
     result = {"case_id": r.case_id, "pre": pre, "post": post}
+    if before is not None:
+        after = generated_answers(model, tokenizer, r) if edited else before
+        post |= generation_metrics(r, after, before)
+        result["answers"] = {"before": before, "after": after}
     if pre.get("neighborhood_acc") is not None:
         result["drawdown_acc"] = pre["neighborhood_acc"] - post["neighborhood_acc"]
         # MEND's perplexity drawdown: relative increase of the locality perplexity.
@@ -106,15 +123,26 @@ def evaluate(
     retention_points: int = 0,
     checkpoint: str | Path | None = None,
     resume: bool = False,
+    form: str = "plain",
+    generation: bool = True,
 ) -> dict:
     """Edit and score ``requests``; ``editor=None`` scores the unedited model. Returns summary and records
     (and, sequential with ``retention_points``, the retention curve).
+
+    ``form``: "plain" (each prompt as written: cloze or question) or "chat" (every prompt a user turn, the
+    edits made in that form). ``generation``: also the generation-based ES_gen / PS_gen / NS_gen (greedy
+    answers before and after each edit; see ``metrics.py``).
 
     ``checkpoint``: a JSON-lines file that receives the run's progress as it goes (see ``_Checkpoint``); with
     ``resume``, what it holds is not done again (it must come from the same method, settings, mode and
     records; a sequential run also needs a fresh ``editor`` and the unedited ``model``)."""
     if mode not in ("single", "batch", "sequential"):
         raise ValueError(f"unknown mode {mode!r}: use single, batch or sequential")
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}: use {' or '.join(FORMS)}")
+    if form == "chat":
+        render_chat(tokenizer, "?")  # a clear error now for a model without a chat template
+        requests = [in_chat_form(r) for r in requests]
     if mode == "single":
         batch_size = 1
     if batch_size < 1:
@@ -128,20 +156,32 @@ def evaluate(
     )
     retention: list[dict] = []
     sequential = mode == "sequential"
-    saved = _Checkpoint(checkpoint, model, editor, mode, batch_size, fluency_tokens, requests, resume)
+    saved = _Checkpoint(
+        checkpoint, model, editor, mode, batch_size, fluency_tokens, requests, resume, generation
+    )
     unrelated = default_locality_texts()
     if saved.before is not None:  # a resumed sequential run: scored before its first edit already
         pre = {id(r): m for r, m in zip(requests, saved.before["pre"], strict=True)}
+        gens = saved.before.get("answers") or [None] * len(requests)
+        answers_before = {id(r): a for r, a in zip(requests, gens, strict=True)}
         ppl_before = saved.before["ppl_before"]
     else:
         ppl_before = text_perplexity(model, tokenizer, unrelated) if sequential else None
         pending = [r for i, c in enumerate(chunks) if i not in saved.chunks for r in c]
-        pre = {
-            id(r): record_metrics(score_request(model, tokenizer, r))
-            for r in tqdm(pending, desc="scoring before", disable=not progress)
-        }
+        pre, answers_before = {}, {}
+        # the unedited model's answers: to neighbours (NS_gen), and to everything when nothing is edited
+        groups = ("neighborhood",) if editor is not None else ("rewrite", "paraphrase", "neighborhood")
+        for r in tqdm(pending, desc="scoring before", disable=not progress):
+            pre[id(r)] = record_metrics(score_request(model, tokenizer, r))
+            answers_before[id(r)] = generated_answers(model, tokenizer, r, groups) if generation else None
         if sequential:
-            saved.write({"pre": [pre[id(r)] for r in requests], "ppl_before": ppl_before})
+            saved.write(
+                {
+                    "pre": [pre[id(r)] for r in requests],
+                    "answers": [answers_before[id(r)] for r in requests],
+                    "ppl_before": ppl_before,
+                }
+            )
     edit_seconds: list[float] = []
     reference: list[tuple[float, float]] = []  # (forward, forward+backward) seconds
     stride = max(1, len(chunks) // REFERENCE_SAMPLES)
@@ -172,7 +212,10 @@ def evaluate(
                 patch.apply(model)
             if not sequential:
                 results += [
-                    _record_result(model, tokenizer, r, pre[id(r)], fluency_tokens, editor is not None)
+                    _record_result(
+                        model, tokenizer, r, pre[id(r)], fluency_tokens, editor is not None,
+                        answers_before[id(r)],
+                    )  # fmt: skip
                     for r in chunk
                 ]
                 if patch is not None:
@@ -183,7 +226,8 @@ def evaluate(
             if retention_points and i in points[:-1]:
                 done = [r for c in chunks[: i + 1] for r in c]
                 so_far = [
-                    _record_result(model, tokenizer, r, pre[id(r)], 0, editor is not None) for r in done
+                    _record_result(model, tokenizer, r, pre[id(r)], 0, editor is not None, None)
+                    for r in done
                 ]
                 retention.append(_retention_point(so_far))
                 bar.set_postfix(
@@ -192,7 +236,10 @@ def evaluate(
             saved.keep_stream(i, patch, editor, edit_seconds, retention, last=i == len(chunks) - 1)
         if sequential:
             results = [
-                _record_result(model, tokenizer, r, pre[id(r)], fluency_tokens, editor is not None)
+                _record_result(
+                    model, tokenizer, r, pre[id(r)], fluency_tokens, editor is not None,
+                    answers_before[id(r)],
+                )  # fmt: skip
                 for r in tqdm(requests, desc="scoring after the last edit", disable=not progress)
             ]
         ppl_after = text_perplexity(model, tokenizer, unrelated) if sequential else None
@@ -232,6 +279,7 @@ def evaluate(
         }
     return {
         "method": editor.name if editor else "none",
+        "form": form,
         "mode": mode,
         "batch_size": batch_size,
         "hparams": editor.config.__dict__ if editor else {},
@@ -253,7 +301,9 @@ class _Checkpoint:
 
     Inactive without a path."""
 
-    def __init__(self, path, model, editor, mode, batch_size, fluency_tokens, requests, resume: bool):
+    def __init__(
+        self, path, model, editor, mode, batch_size, fluency_tokens, requests, resume: bool, generation: bool
+    ):
         self.path = Path(path) if path is not None else None
         self.chunks: dict[int, dict] = {}
         self.before: dict | None = None  # sequential: {"pre", "ppl_before"}
@@ -274,6 +324,7 @@ class _Checkpoint:
                     "mode": mode,
                     "batch_size": batch_size,
                     "fluency_tokens": fluency_tokens,
+                    "generation": generation,
                     "records": records,
                     "model": fingerprint(model),
                 },
@@ -286,6 +337,8 @@ class _Checkpoint:
             header = json.loads(lines[0]) if lines else None
             if header is not None and "model" not in header:  # written before the header named the model
                 header["model"] = self.header["model"]
+            if header is not None and "generation" not in header:  # written before generation metrics
+                header["generation"] = False
             if header != self.header:
                 raise ValueError(
                     f"{self.path} was written by a different evaluation (model, method, settings, mode or "
@@ -386,3 +439,40 @@ def _retention_point(results: list[dict]) -> dict:
 def _running(results: list[dict]) -> dict[str, str]:
     s = summarize([r["post"] for r in results])
     return {k: f"{s[k]:.0f}" for k in ("ES", "PS", "NS") if s.get(k) is not None}
+
+
+def evaluate_forms(
+    model: nn.Module,
+    tokenizer,
+    editor: Editor | None,
+    requests: list[EditRequest],
+    forms: tuple[str, ...] = ("plain",),
+    checkpoint: str | Path | None = None,
+    **kwargs,
+) -> dict:
+    """``evaluate`` once per form (each edit made in that form); the chat form's summary keys and records get
+    the suffix ``_chat`` (``ES_chat``, ``ES_gen_chat``, ...) in one merged result."""
+    unknown = [f for f in forms if f not in FORMS]
+    if not forms or unknown:
+        raise ValueError(f"unknown form(s) {unknown or list(forms)}: use {', '.join(FORMS)}")
+    merged: dict = {}
+    for form in dict.fromkeys(forms):
+        path = checkpoint
+        if checkpoint is not None and form != "plain":
+            path = Path(checkpoint).with_name(f"{Path(checkpoint).name}.{form}")
+        result = evaluate(model, tokenizer, editor, requests, checkpoint=path, form=form, **kwargs)
+        suffix = "" if form == "plain" else f"_{form}"
+        if not merged:
+            merged = dict(result) | {"summary": {}, "forms": []}
+            merged.pop("records")
+        merged["forms"].append(form)
+        merged["summary"] |= {f"{k}{suffix}": v for k, v in result["summary"].items()}
+        merged[f"records{suffix}"] = result["records"]
+        merged[f"retention{suffix}"] = result["retention"]
+    return merged
+
+
+def checkpoints_of(checkpoint: str | Path, forms: tuple[str, ...]) -> list[Path]:
+    """The checkpoint files ``evaluate_forms`` writes for ``forms``."""
+    checkpoint = Path(checkpoint)
+    return [checkpoint if f == "plain" else checkpoint.with_name(f"{checkpoint.name}.{f}") for f in forms]

@@ -1,8 +1,9 @@
 """Teacher-forced scoring of targets after prompts: the one loss every method and metric uses.
 
 A target is scored as ROME does: the tokens of ``" " + target`` appended to the prompt's tokens
-(decoder-only), or the target as the decoder's labels (seq2seq). Batches are right-padded; ``labels`` is
--100 outside targets.
+(decoder-only), or the target as the decoder's labels (seq2seq); after a prompt that ends in a newline (a
+chat turn, a question's answer line) without the space (``forms.answer_text``). Batches are
+right-padded; ``labels`` is -100 outside targets.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .forms import answer_text
 
-def target_ids(tokenizer, target: str, seq2seq: bool = False) -> list[int]:
-    text = target if seq2seq or target.startswith(" ") else " " + target
+
+def target_ids(tokenizer, target: str, seq2seq: bool = False, prompt: str = "") -> list[int]:
+    """The target's tokens as they follow ``prompt`` (see ``forms.answer_text``)."""
+    text = target if seq2seq else answer_text(prompt, target)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -49,7 +53,7 @@ def target_batch(
         }
     seqs, labels, lengths = [], [], []
     for p, t in zip(prompts, targets):
-        pi, ti = prompt_ids(tokenizer, p), target_ids(tokenizer, t)
+        pi, ti = prompt_ids(tokenizer, p), target_ids(tokenizer, t, prompt=p)
         seqs.append(pi + ti)
         labels.append([-100] * len(pi) + ti)
         lengths.append(len(pi))

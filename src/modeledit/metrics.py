@@ -7,6 +7,11 @@ CounterFact (ROME / MEMIT), with NLL_p(t) the mean per-token NLL of " " + t afte
 - S: harmonic mean of ES, PS, NS. All x100, averaged per record and then over records.
 zsRE / MEND: teacher-forced token accuracy of a target (share of its tokens that are the argmax) and exact
 match (all of them); drawdown = accuracy (or perplexity) on locality inputs before minus after.
+Generation-based (beside the teacher-forced figures; ``forms.py`` has the rules): greedy answers to each
+prompt in its form; ES_gen / PS_gen: share of rewrite / paraphrase prompts whose answer holds the target
+(cloze: starts with it; question, chat: first sentence contains it and not the old answer); NS_gen: share of
+neighbourhood prompts that still give their own answer where the unedited model gave it, and otherwise do not
+give the new target.
 Fluency: ROME's weighted bi/tri-gram entropy of generated text, with a regex word splitter instead of
 nltk's word_tokenize (no download).
 """
@@ -22,8 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .forms import answer_holds, neighbour_holds, prompt_form, rendered
 from .lm import aligned_logits, is_seq2seq, target_batch
 from .requests import EditRequest
+from .verify import generate_answers
 
 
 @dataclass
@@ -51,7 +58,9 @@ def score_pairs(model: nn.Module, tokenizer, prompts: list[str], targets: list[s
 
 
 def score_request(model: nn.Module, tokenizer, r: EditRequest) -> dict:
-    """Everything the metrics need about one request, from one forward pass over all its prompts."""
+    """Everything the metrics need about one request, from one forward pass over all its prompts (each in
+    its form: see ``forms.rendered``)."""
+    r = rendered(r, tokenizer)
     groups = {"rewrite": [r.text], "paraphrase": list(r.paraphrase_prompts)}
     pairs: list[tuple[str, str, str, str]] = []  # (group, kind, prompt, target)
     for group, prompts in groups.items():
@@ -69,6 +78,56 @@ def score_request(model: nn.Module, tokenizer, r: EditRequest) -> dict:
     for (group, kind, _, _), s in zip(pairs, scored):
         out[group][kind].append(s)
     return out
+
+
+GENERATED = ("rewrite", "paraphrase", "neighborhood")
+
+
+def generated_answers(model: nn.Module, tokenizer, r: EditRequest, groups=GENERATED) -> dict[str, list[str]]:
+    """Greedy answers of the model to the request's prompts in their forms, per group, in one pass each
+    generation length needs."""
+    shown = rendered(r, tokenizer)
+    prompts = {
+        "rewrite": [(shown.text, r.text, r.target_new)],
+        "paraphrase": [
+            (s, o, r.target_new) for s, o in zip(shown.paraphrase_prompts, r.paraphrase_prompts)
+        ],
+        "neighborhood": [
+            (s, o, max(a, r.target_new, key=len))
+            for s, (o, a) in zip(shown.neighborhood_prompts, r.neighborhood())
+        ],
+    }
+    flat = [(g, s, prompt_form(o, r.chat), t) for g in groups for s, o, t in prompts[g]]
+    answers = generate_answers(model, tokenizer, [(s, f, t) for _, s, f, t in flat])
+    out: dict[str, list[str]] = {g: [] for g in groups}
+    for (g, *_), a in zip(flat, answers):
+        out[g].append(a)
+    return out
+
+
+def generation_metrics(r: EditRequest, after: dict[str, list[str]], before: dict[str, list[str]] | None):
+    """ES_gen, PS_gen (x100) from the answers ``after`` the edit; NS_gen also needs the unedited model's
+    neighbourhood answers ``before``."""
+    m: dict[str, float | None] = {}
+    forms = {
+        "rewrite": [prompt_form(r.text, r.chat)],
+        "paraphrase": [prompt_form(p, r.chat) for p in r.paraphrase_prompts],
+    }
+    for group, key in (("rewrite", "ES_gen"), ("paraphrase", "PS_gen")):
+        m[key] = _mean(
+            [
+                100.0 * answer_holds(a, r.target_new, f, r.target_true)
+                for a, f in zip(after.get(group, []), forms[group])
+            ]
+        )
+    if before is not None and before.get("neighborhood"):
+        m["NS_gen"] = _mean(
+            [
+                100.0 * neighbour_holds(b, a, answer, r.target_new, prompt_form(p, r.chat))
+                for b, a, (p, answer) in zip(before["neighborhood"], after["neighborhood"], r.neighborhood())
+            ]
+        )
+    return m
 
 
 def _mean(values: list[float]) -> float | None:

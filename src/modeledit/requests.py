@@ -30,6 +30,8 @@ class EditRequest:
     neighborhood_answers: list[str] = field(default_factory=list)
     generation_prompts: list[str] = field(default_factory=list)
     case_id: Any = None
+    chat: bool = False  # the prompts are user turns in the tokenizer's chat template (see forms.py)
+    system: str | None = None  # chat: a system prompt (None: the template's own default)
 
     @property
     def text(self) -> str:
@@ -54,7 +56,7 @@ class EditRequest:
         return list(zip(self.neighborhood_prompts, answers))
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v not in (None, [])}
+        return {k: v for k, v in asdict(self).items() if v not in (None, []) and (k != "chat" or v)}
 
     def _where(self, name: str) -> str:
         record = f"record {self.case_id}" if self.case_id is not None else "request"
@@ -81,6 +83,10 @@ class EditRequest:
             raise EditRequestError(
                 f"{self._where('neighborhood_answers')} needs one answer per neighbourhood prompt"
             )
+        if not isinstance(self.chat, bool):
+            raise EditRequestError(f"{self._where('chat')} must be true or false, got {self.chat!r}")
+        if self.system is not None and (not isinstance(self.system, str) or not self.system.strip()):
+            raise EditRequestError(f"{self._where('system')} must be a non-empty string when given")
         if "{}" in self.prompt and not self.subject:
             raise EditRequestError(
                 f"{self._where('subject')} the prompt is a template with {{}} but no subject is given"

@@ -266,7 +266,7 @@ def causal_trace(
                 model(input_ids=torch.tensor([ids], device=device), logits_to_keep=1).logits[0, -1].argmax()
             )
     else:
-        answer_ids = target_ids(tokenizer, answer)
+        answer_ids = target_ids(tokenizer, answer, prompt=text)
         if not answer_ids:
             raise EditRequestError(f"answer {answer!r} has no tokens")
         answer_id = answer_ids[0]

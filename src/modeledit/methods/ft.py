@@ -65,6 +65,7 @@ class FTKLConfig(FTConfig):
 class FineTune(Editor):
     name = "ft"
     Config = FTConfig
+    strengthen = {"steps": 2.0, "stop_nll": 0.5}  # verify=True: more steps, a lower stopping loss
     any_model = True
     replay_blocks = True  # replay the blocks below the trained ones (False: full forward passes; for tests)
 
@@ -158,6 +159,7 @@ class FineTune(Editor):
 class FineTuneL(FineTune):
     name = "ft-l"
     Config = FTLConfig
+    strengthen = {"steps": 2.0, "stop_nll": 0.5, "norm_constraint": 2.0}  # its bound limits the most
     any_model = False  # ROME's language-model baseline: one MLP output projection of a transformer block
 
     def default_layers(self) -> list[int]:

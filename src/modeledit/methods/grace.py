@@ -56,9 +56,9 @@ class MemoryEditor(Editor):
 
     memory_kind: ClassVar[str]
 
-    def edit(self, requests: EditRequest | list[EditRequest]) -> Patch:
+    def make_patch(self, shown: list, requests: list) -> Patch:
         self._memory: Memory | None = None
-        patch = super().edit(requests)  # validation, timing, the no-mutation guard; calls compute_deltas
+        patch = super().make_patch(shown, requests)  # timing, the no-mutation guard; calls compute_deltas
         patch.memory = self._memory
         check_finite({}, patch.memory, method=self.name, hparams=patch.hparams)  # a diverged memory
         return patch
@@ -189,6 +189,7 @@ class GRACEConfig:
 class GRACE(MemoryEditor):
     name = "grace"
     Config = GRACEConfig
+    strengthen = {"steps": 2.0, "stop_nll": 0.5}  # verify=True: train the stored value further
     memory_kind = KIND
 
     def __init__(self, model: nn.Module, tokenizer, config: GRACEConfig):

@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..editor import register
-from ..patch import Delta, applied_patches, linear_delta
+from ..patch import Delta, Patch, applied_patches, linear_delta
 from ..requests import EditRequest
 from .rome import LocateThenEdit, ValueSettings, build_rows, keys_and_values, optimise_values, subject_last
 
@@ -90,6 +90,7 @@ class AlphaEditConfig(MEMITConfig):
 class MEMIT(LocateThenEdit):
     name = "memit"
     Config = MEMITConfig
+    strengthen = {"steps": 2.0, "stop_nll": 0.5}  # verify=True: more optimisation steps for z
 
     @property
     def layers(self) -> list[int]:
@@ -256,9 +257,9 @@ class AlphaEdit(MEMIT):
                 _, pid, layer = name.split("/")
                 self._history[pid][int(layer)] = k
 
-    def edit(self, requests):
+    def make_patch(self, shown: list, requests: list) -> Patch:
         self._keys = {}
-        patch = super().edit(requests)
+        patch = super().make_patch(shown, requests)
         if self.config.remember_edits:
             self._history[patch.id] = self._keys
         return patch

@@ -287,6 +287,7 @@ class MENDNetwork(nn.Module):
 class MEND(Editor):
     name = "mend"
     Config = MENDConfig
+    strengthen = {"alpha_scale": 1.5}  # verify=True: the step-size ladder (README: MEND step scales)
     any_model = True
 
     def __init__(

@@ -122,7 +122,7 @@ def build_rows(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pre, suf, labels, owner, kl_pos = [], [], [], [], []
     for n, r in enumerate(requests):
-        target = target_ids(tokenizer, r.target_new)
+        target = target_ids(tokenizer, r.target_new, prompt=r.text)
         if not target:
             raise EditRequestError(f"{r._where('target_new')} {r.target_new!r} has no tokens")
         for text in request_texts(r, prefixes):
@@ -554,6 +554,7 @@ class LocateThenEdit(Editor):
 class ROME(LocateThenEdit):
     name = "rome"
     Config = ROMEConfig
+    strengthen = {"steps": 2.0, "stop_nll": 0.5}  # verify=True: more optimisation steps for v*
 
     @property
     def layer(self) -> int:

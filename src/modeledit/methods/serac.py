@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..editor import register
+from ..forms import scope_text
 from ..patch import Memory, register_memory
 from ..requests import EditRequest, EditRequestError
 from ..training.data import MetaBatch
@@ -249,7 +250,8 @@ class EditMemory:
             return None
         prefixes = [tuple(full[b, : p + 1][mask[b, : p + 1] != 0].tolist()) for b, _, p in slots]
         unique = list(dict.fromkeys(prefixes))
-        texts = self.tokenizer.batch_decode([list(p) for p in unique], skip_special_tokens=True)
+        decoded = self.tokenizer.batch_decode([list(p) for p in unique])
+        texts = [scope_text(self.tokenizer, t) for t in decoded]
         which, logit = self.scope(texts)
         decision = {p: (int(which[i]), float(logit[i])) for i, p in enumerate(unique)}
         routed = [(s, p, decision[p][0]) for s, p in zip(slots, prefixes) if decision[p][1] > 0]
@@ -394,16 +396,18 @@ class SERAC(MemoryEditor):
 
     def compute_memory(self, requests: list[EditRequest]) -> Memory:
         c = self.config
-        tensors = {"embeddings": self.encoder([r.text for r in requests]).contiguous()}
+        # a chat prompt is classified by its user's words, not the template it shares with every chat
+        words = [scope_text(self.tokenizer, r.text) for r in requests]
+        tensors = {"embeddings": self.encoder(words).contiguous()}
         if self.trained:
             tensors |= {f"classifier.{k}": v for k, v in self.classifier.tensors().items()}
         edits = [
             {
-                "prompt": r.text,
+                "prompt": text,
                 "target": r.target_new,
-                "context": c.context_template.format(prompt=r.text, target=r.target_new),
+                "context": c.context_template.format(prompt=text, target=r.target_new),
             }
-            for r in requests
+            for r, text in zip(requests, words)
         ]
         return Memory(
             kind=KIND,

@@ -223,6 +223,7 @@ class WISEConfig:
 class WISE(MemoryEditor):
     name = "wise"
     Config = WISEConfig
+    strengthen = {"steps": 2.0, "stop_nll": 0.5}  # verify=True: train the side memory further
     memory_kind = KIND
 
     def __init__(self, model: nn.Module, tokenizer, config: WISEConfig):
