@@ -133,6 +133,10 @@ def test_edit_saves_a_loadable_patch(model_dir, tmp_path):
     assert Patch.load(out).method == "ft"
 
 
+EDIT_FT = ["edit", "--model", "MODEL", "--method", "ft", "--prompt", "The capital of {} is"]
+EDIT_FT += ["--subject", "Zorbia", "--target", "Quux"]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -145,6 +149,13 @@ def test_edit_saves_a_loadable_patch(model_dir, tmp_path):
         ),
         (["eval", "--model", "MODEL", "--method", "ft", "--data", "DATA", "--mode", "weird"], "unknown mode"),
         (["edit", "--model", "MODEL", "--prompt", "Hello", "--target", "  "], "target_new"),
+        # hyperparameters out of their type or range: one line, before any edit work (issue 36)
+        ([*EDIT_FT, "--set", "steps=abc"], "ft: steps must be an integer >= 1, got 'abc'"),
+        ([*EDIT_FT, "--set", "lr=nan"], "ft: lr must be a finite number > 0, got 'nan'"),
+        ([*EDIT_FT, "--set", "lr=NaN"], "ft: lr must be a finite number > 0, got nan"),
+        ([*EDIT_FT, "--set", "steps=-1"], "ft: steps must be an integer >= 1, got -1"),
+        ([*EDIT_FT, "--set", "steps=2.5"], "ft: steps must be an integer >= 1, got 2.5"),
+        ([*EDIT_FT, "--set", "norm_constraint=0"], "norm_constraint must be a finite number > 0 or null"),
     ],
 )
 def test_bad_input_is_one_clear_line(model_dir, data_file, args, message, monkeypatch):

@@ -148,7 +148,7 @@ def test_sync_follows_changes_made_by_another_process(model_dir, tmp_path):
     assert weights_digest(model) == independent_digest(model_dir, ledger)
 
 
-def test_bad_edits_record_nothing_or_end_aborted(model_dir, tmp_path, base_digest):
+def test_bad_edits_record_nothing_or_end_aborted(model_dir, tmp_path, base_digest, monkeypatch):
     model, tok = fresh(model_dir)
     ledger = Ledger(tmp_path / "edits.db")
     with pytest.raises(ValueError, match="unknown method"):
@@ -157,10 +157,18 @@ def test_bad_edits_record_nothing_or_end_aborted(model_dir, tmp_path, base_diges
         ledger.edit(model, tok, request(0), method="ft", hparams={"bogus": 1})
     with pytest.raises(EditRequestError, match="target_new"):
         ledger.edit(model, tok, {"prompt": "Hello", "target_new": " "}, method="ft")
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got 'fast'"):
+        ledger.edit(model, tok, request(0), method="ft", hparams={"lr": "fast"})  # checked before recording
     assert ledger.entries() == []
-    # fails while computing (an ill-typed hyperparameter): recorded as aborted, the model untouched
+    # fails while computing: recorded as aborted, the model untouched
+    from modeledit.methods.ft import FineTune
+
+    def broken(self, requests):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(FineTune, "compute_deltas", broken)
     with pytest.raises(TypeError):
-        ledger.edit(model, tok, request(0), method="ft", hparams={"lr": "fast"})
+        ledger.edit(model, tok, request(0), method="ft")
     (entry,) = ledger.entries()
     assert entry.state == "aborted" and "TypeError" in entry.error and entry.patch_file is None
     assert weights_digest(model) == base_digest and applied_patches(model) == []
