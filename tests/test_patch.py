@@ -462,3 +462,45 @@ def test_a_finite_delta_that_overflows_a_half_precision_model_is_refused():
     with pytest.raises(PatchError, match=r"change lr=1.0, e.g. a smaller lr \(or edit a float32 copy"):
         patch.apply(model)
     assert_params_equal(model, base)
+
+
+# -- the checksum of the tensors in the header ---------------------------------------------------------------
+def test_a_bit_flip_in_the_tensor_data_is_caught(tmp_path):
+    model = tiny_model("llama")
+    path = mixed_patch(model, "llama", seed=1).save(tmp_path / "p.safetensors")
+    meta = json.loads(safe_open_metadata(path)["modeledit"])
+    assert len(meta["tensors_sha256"]) == 64
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")  # safetensors: header length, header, then the data
+    for offset in (start, (start + len(data)) // 2, len(data) - 1):
+        flipped = bytearray(data)
+        flipped[offset] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(PatchError, match="p.safetensors is corrupt: its tensor data does not match the"):
+            Patch.load(path)
+    path.write_bytes(bytes(data))
+    assert Patch.load(path).deltas.keys() == mixed_patch(model, "llama", seed=1).deltas.keys()
+
+
+def test_files_without_a_checksum_still_load(tmp_path):
+    model = tiny_model("llama")
+    patch = lowrank_patch(model, architecture(model).last_mlp_linears(1), seed=3)
+    path = tmp_path / "old.safetensors"
+    tensors = {f"{k}/{n}": getattr(d, k) for n, d in patch.deltas.items() for k in ("a", "b")}
+    save_file(tensors, str(path), metadata={"modeledit": json.dumps(patch.metadata())})  # as before checksums
+    loaded = Patch.load(path)
+    assert all(torch.equal(loaded.dense(n), patch.dense(n)) for n in patch.deltas)
+
+
+@pytest.mark.parametrize("version", ["2", None, 1.5, [2]])
+def test_a_format_version_that_is_not_an_integer_is_refused(tmp_path, version):
+    meta = mixed_patch(tiny_model("llama"), "llama", seed=1).metadata() | {"format_version": version}
+    with pytest.raises(PatchError, match=r"corrupt modeledit metadata \(format_version"):
+        Patch.load(_with_metadata(tmp_path, json.dumps(meta)))
+
+
+def safe_open_metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()

@@ -14,12 +14,14 @@ base model computes.
 
 File format: one safetensors file; tensors ``dense/<param>`` or ``a/<param>`` and ``b/<param>``
 (delta = a @ b, in the parameter's storage layout) and ``memory/<name>``; JSON metadata (method,
-hyperparameters, requests, model fingerprint, memory kind and JSON) in the safetensors header under the
-key ``modeledit``. Never pickle.
+hyperparameters, requests, model fingerprint, memory kind and JSON, and ``tensors_sha256``, the checksum of
+the tensors, verified on load; files written before it existed load without the check) in the safetensors
+header under the key ``modeledit``. Never pickle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Callable
@@ -40,6 +42,16 @@ FORMAT_VERSION = 2  # 2: optional memory (``memory/<name>`` tensors, "memory" me
 
 class PatchError(ValueError):
     """A patch cannot be applied, reverted, saved or loaded; the message says why."""
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a patch file's tensors: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -334,7 +346,9 @@ class Patch:
                 tensors[f"memory/{name}"] = t.contiguous()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
-        save_file(tensors, str(tmp), metadata={"modeledit": json.dumps(self.metadata(), default=str)})
+        # The checksum of the tensors rides in the header: a bit flip in the data is caught on load.
+        meta = self.metadata() | {"tensors_sha256": tensors_sha256(tensors)}
+        save_file(tensors, str(tmp), metadata={"modeledit": json.dumps(meta, default=str)})
         tmp.replace(path)
         return path
 
@@ -359,11 +373,21 @@ class Patch:
             raise PatchError(f"{path} has corrupt modeledit metadata (not JSON: {e})") from None
         if not isinstance(meta, dict):
             raise PatchError(f"{path} has corrupt modeledit metadata (not a JSON object)")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
+        version = meta.get("format_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise PatchError(f"{path} has corrupt modeledit metadata (format_version {version!r})")
+        if version > FORMAT_VERSION:
             raise PatchError(
-                f"{path} has patch format {meta['format_version']}; "
-                f"this modeledit reads up to {FORMAT_VERSION}"
+                f"{path} has patch format {version}; this modeledit reads up to {FORMAT_VERSION}"
             )
+        expected = meta.get("tensors_sha256")  # absent in files written before checksums
+        if expected is not None:
+            digest = tensors_sha256(tensors)
+            if digest != expected:
+                raise PatchError(
+                    f"{path} is corrupt: its tensor data does not match the checksum in its header "
+                    f"(SHA-256 {digest[:12]}..., the header says {str(expected)[:12]}...)"
+                )
         try:
             deltas: dict[str, Delta] = {}
             for name, kind in meta["kinds"].items():
