@@ -273,6 +273,12 @@ class Patch:
         return params
 
     @torch.no_grad()
+    def _add_to(self, params: dict[str, nn.Parameter]) -> None:
+        for name in self.deltas:
+            p = params[name]
+            p.add_(self.dense(name).to(device=p.device, dtype=p.dtype))
+
+    @torch.no_grad()
     def apply(self, model: nn.Module) -> Patch:
         """Add the deltas to the model's weights (in place); a patch with NaN or inf values is refused."""
         params = self._check(model)
@@ -286,11 +292,11 @@ class Patch:
         check_finite(self.deltas, self.memory, method=self.method, hparams=self.hparams, where=where)
         dense = {n: self.dense(n).to(device=params[n].device, dtype=params[n].dtype) for n in self.deltas}
         check_finite(dense, method=self.method, hparams=self.hparams, where=where)
+        del dense
         for name in self.deltas:
             if name not in state.base:
                 state.base[name] = params[name].detach().clone()
-        for name, d in dense.items():
-            params[name].add_(d)
+        self._add_to(params)
         state.applied.append(self)
         if self.memory is not None:
             try:
