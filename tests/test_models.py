@@ -51,3 +51,23 @@ def test_default_model_loads_from_cache_quickly(default_model):
     again, _ = load_model("default")
     assert time.perf_counter() - start < 10
     assert fingerprint(again) == fingerprint(model)
+
+
+def test_fingerprint_follows_a_change_of_dtype():
+    from modeledit.patch import LowRank, Patch, PatchError
+
+    model, fresh = tiny_model("llama"), tiny_model("llama")
+    float32 = fingerprint(model)
+    name = "model.layers.0.mlp.down_proj.weight"
+    rows, cols = model.get_parameter(name).shape
+    patch = Patch({name: LowRank(torch.ones(rows, 1), torch.ones(1, cols))}, fingerprint=float32, method="t")
+    patch.apply(model)
+    assert fingerprint(model) == float32  # patches do not change the identity
+    model.to(torch.bfloat16)
+    bf16 = fingerprint(model)
+    assert bf16 != float32, "a bfloat16 model is not the float32 one: its patches and statistics differ"
+    assert bf16 == fingerprint(fresh.to(torch.bfloat16)), "computed from the base weights, not the patched"
+    other = Patch({name: torch.zeros(rows, cols)}, fingerprint=float32, method="t")
+    with pytest.raises(PatchError, match="was made for model"):
+        other.apply(model)  # a float32 model's patch is refused on the bfloat16 model
+    assert fingerprint(model.to(torch.float32)) != bf16  # converted again: computed again

@@ -107,6 +107,7 @@ def _load_offline(name: str):
     stored = folder / "modeledit_fingerprint.txt"
     if stored.exists():
         model.__dict__["_modeledit_fingerprint"] = stored.read_text().strip()
+        model.__dict__["_modeledit_fingerprint_layout"] = _layout(model)  # float32, as the file was made
     else:
         stored.write_text(fingerprint(model))
     return model, tokenizer
@@ -141,24 +142,44 @@ def load_model(name: str = "default", device: str = "cpu"):
     return model, tokenizer
 
 
+def _layout(model: nn.Module) -> tuple:
+    """Each weight's dtype and device: what ``.to(...)`` changes, what a cached fingerprint is valid for."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return tuple((name, t.dtype, t.device) for name, t in tensors)
+
+
 def fingerprint(model: nn.Module) -> str:
     """Hash of the config and every weight of the model *as loaded*: identifies the model a patch belongs to.
 
-    Computed once per model object (about a second for 135M parameters) and kept on the model, so patches
-    applied later do not change it: patches are always relative to the base weights.
+    Computed once per model object and layout (about a second for 135M parameters) and kept on the model,
+    so patches applied later do not change it: patches are always relative to the base weights. Converting
+    the model (``.to(torch.bfloat16)``, another device) changes its layout, so the fingerprint is computed
+    again, from the base weights where patches are applied: patches and statistics computed in bfloat16
+    are filed under the bfloat16 model's identity, not the float32 one's.
     """
+    layout = _layout(model)
     cached = model.__dict__.get("_modeledit_fingerprint")
     if cached is not None:
-        return cached
+        kept = model.__dict__.get("_modeledit_fingerprint_layout")
+        if kept is None or kept == layout:  # None: set by older code, without a layout
+            model.__dict__["_modeledit_fingerprint_layout"] = layout
+            return cached
+    # Applied patches keep each touched parameter's base value (patch.py's state on the model): hash those,
+    # in the model's current dtype, so the fingerprint stays that of the base model.
+    state = model.__dict__.get("_modeledit_patches")
+    base = getattr(state, "base", {})
+    base_by_id = {id(p): base[n] for n, p in model.named_parameters() if n in base}
     h = hashlib.blake2b(digest_size=16)
     config = model.config.to_dict() if hasattr(model, "config") else {}
     for key in ("_name_or_path", "transformers_version", "name_or_path", "_commit_hash"):
         config.pop(key, None)
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict(keep_vars=False).items()):
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+        values = base_by_id.get(id(tensor), tensor).detach().to(tensor.dtype)
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(values.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     value = h.hexdigest()
     model.__dict__["_modeledit_fingerprint"] = value
+    model.__dict__["_modeledit_fingerprint_layout"] = layout
     return value
