@@ -418,7 +418,7 @@ def test_a_diverged_edit_is_refused_and_the_model_untouched(tokenizer, one_threa
     base = snapshot(model)
     request = EditRequest(prompt="The capital of {} is", subject="Zorbia", target_new="Quux")
     editor = create_editor("ft", model, tokenizer, lr=1e30, steps=3)  # Adam moves every weight by ~1e30
-    with pytest.raises(PatchError, match=r"non-finite values .* change lr=1e\+30, steps=3") as info:
+    with pytest.raises(PatchError, match=r"is not finite .* change lr=1e\+30, steps=3") as info:
         editor.edit(request)
     assert "model.layers." in str(info.value) and "\n" not in str(info.value)
     assert_params_equal(model, base)
@@ -434,7 +434,7 @@ def test_a_patch_with_a_non_finite_value_cannot_be_applied_or_loaded(tmp_path, b
     attn = f"{ATTN['llama']}.weight"
     patch.deltas[attn] = patch.deltas[attn].clone()
     patch.deltas[attn][0, 0] = bad
-    with pytest.raises(PatchError, match=f"the delta of {attn} computed by test has 1 non-finite"):
+    with pytest.raises(PatchError, match=rf"the delta of {attn} computed by test is not finite \(1 of "):
         patch.apply(model)
     assert_params_equal(model, base)  # no parameter changed, not even the ones before the bad one
     assert applied_patches(model) == []

@@ -166,7 +166,7 @@ def test_edit_list_get_revert(client, model_dir):
         ({"method": "mend", "hparams": {}}, "no trained MEND editor"),  # not available for this model
         ({"hparams": {"bogus": 1}}, "unknown hyperparameter"),
         ({"hparams": {"steps": 10_000}}, "at most 200"),
-        ({"hparams": {"steps": 3, "lr": 1e30}}, "non-finite values (NaN or inf)"),  # diverges: all-NaN deltas
+        ({"hparams": {"steps": 3, "lr": 1e30}}, "NaN or inf): the edit diverged"),  # all-NaN deltas
         ({"hparams": {"steps": -1}}, "ft: steps must be an integer >= 1, got -1"),
         ({"hparams": {"lr": "nan"}}, "ft: lr must be a finite number > 0, got 'nan'"),
         ({"hparams": {"lr": 0}}, "ft: lr must be a finite number > 0, got 0"),

@@ -139,9 +139,10 @@ def check_finite(
                 prefix = f"{where}: " if where else ""
                 by = f" by {method}" if method else ""
                 half = " (or edit a float32 copy of the model)" if t.dtype in _HALF else ""
+                count = f"{bad} of {t.numel()} values are NaN or inf"
                 raise PatchError(
-                    f"{prefix}{what} computed{by} has {bad} non-finite values (NaN or inf) of {t.numel()}: "
-                    f"the edit diverged and is refused; {_step_hparams(hparams or {})}{half}"
+                    f"{prefix}{what} computed{by} is not finite ({count}): the edit diverged and is refused; "
+                    f"{_step_hparams(hparams or {})}{half}"
                 )
 
 
