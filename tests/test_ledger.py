@@ -332,6 +332,9 @@ def test_import_loads_each_patch_and_checks_it_against_the_manifest(export, tmp_
     tampered = json.loads(json.dumps(manifest))
     tampered["entries"][1]["fingerprint"] = "0" * 32  # the manifest lies about the model
     _refused(folder, tampered, target, "belongs to another edit or model")
+    _refused(
+        folder, {**manifest, "entries": [first, {**second, "patch_sha256": "0" * 64}]}, target, "is corrupt"
+    )
     _refused(folder, {**manifest, "entries": [first, first]}, target, "appears twice")
     _refused(folder, {**manifest, "entries": [first, "x"]}, target, "not a JSON object")
     _refused(folder, {**manifest, "entries": [first, {**second, "hparams": "x"}]}, target, "invalid hparams")
