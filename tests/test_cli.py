@@ -175,3 +175,46 @@ def test_editor_folder_is_the_classifier_for_serac_and_the_editor_otherwise(tmp_
     assert _editor_setting("mend", None) == []
     with pytest.raises(ValueError, match="no such folder"):
         _editor_setting("serac", tmp_path / "missing")
+
+
+def test_edit_that_does_not_hold_says_so_and_require_hold_exits_1(model_dir, tmp_path):
+    """A deliberately too weak edit (one tiny step) on a tiny model: "does NOT hold", exit 1, no file."""
+    out = tmp_path / "p.safetensors"
+    args = [str(model_dir) if a == "MODEL" else a for a in EDIT_FT]
+    result = runner.invoke(
+        app, [*args, "--set", "steps=1", "--set", "lr=1e-9", "--require-hold", "--save", str(out)]
+    )
+    assert result.exit_code == 1, result.output
+    assert "the edit does NOT hold" in result.output and not out.exists()
+    result = runner.invoke(app, [*args, "--set", "steps=1", "--set", "lr=1e-9", "--save", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "saved patch" in result.output and "does NOT hold" in result.output
+    assert Patch.load(out).info["verify"]["holds"] is False
+
+
+def test_chat_without_a_chat_template_is_one_clear_line(model_dir):
+    args = [str(model_dir) if a == "MODEL" else a for a in EDIT_FT]
+    result = runner.invoke(app, [*args, "--chat"])
+    assert result.exit_code == 2, result.output
+    assert "no chat template" in result.output and "Traceback" not in result.output
+
+
+def test_eval_forms_rejects_an_unknown_form_before_loading(data_file):
+    result = runner.invoke(
+        app,
+        ["eval", "--model", "no/such", "--method", "ft", "--data", str(data_file), "--forms", "plain,poem"],
+    )
+    assert result.exit_code == 2 and "--forms" in result.output
+
+
+def test_editor_setting_in_a_fresh_process(tmp_path):
+    """The registry is filled before it is read: serac's --editor is its classifier in a new process too."""
+    import subprocess
+    import sys
+
+    code = (
+        "import pathlib; from modeledit.cli import _editor_setting; "
+        f"print(_editor_setting('serac', pathlib.Path({str(tmp_path)!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert f"classifier_path={tmp_path}" in out

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from modeledit import Ledger, Patch
 from modeledit import patch as patch_module
 from modeledit.cli import app as cli_app
+from modeledit.forms import answer_holds
 from modeledit.ledger import weights_digest
 from modeledit.methods.ft import FineTune
 from modeledit.models import load_model
@@ -64,7 +65,9 @@ def test_health_methods_and_openapi(client):
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["applied_edits"] == 0 and len(health["fingerprint"]) == 32
     methods = client.get("/v1/methods").json()
-    assert methods["default"] == "ft-l" and {"ft", "ft-l"} <= set(methods["methods"])
+    from modeledit.editor import DEFAULT_METHOD
+
+    assert methods["default"] == DEFAULT_METHOD and {"ft", "ft-l"} <= set(methods["methods"])
     schema = client.get("/openapi.json").json()
     assert {"/healthz", "/v1/generate", "/v1/score", "/v1/edits", "/v1/edits/{edit_id}"} <= set(
         schema["paths"]
@@ -332,3 +335,21 @@ def test_modeledit_serve_wires_token_limits_host_check_and_replay(model_dir, tmp
     assert result.exception is None and result.exit_code == 0, result.output
     assert checked == {"host": "127.0.0.1", "port": 8765, "ok": True}
     assert [e.state for e in Ledger(db).entries()] == ["applied", "applied"]
+
+
+def test_edits_carry_the_holds_verdict_and_chat_needs_a_template(client):
+    r = client.post("/v1/edits", json=EDIT, headers=AUTH)
+    assert r.status_code == 201, r.text
+    metrics = r.json()["metrics"]
+    check = metrics["verify"]["prompts"][0]
+    assert check["kind"] == "edit" and check["prompt"] == "The capital of France is"
+    assert metrics["holds"] is answer_holds(check["answer"], "Quux", "cloze")  # the page's verdict
+    weak = EDIT | {"subject": "Spain", "hparams": {"steps": 1, "lr": 1e-9}}
+    r = client.post("/v1/edits", json=weak, headers=AUTH)
+    assert r.status_code == 201 and r.json()["metrics"]["holds"] is False  # recorded, and said so
+    assert [e["metrics"]["holds"] for e in client.get("/v1/edits").json()] == [metrics["holds"], False]
+    r = client.post("/v1/edits", json=EDIT | {"chat": True}, headers=AUTH)
+    assert r.status_code == 422 and "no chat template" in r.json()["error"]
+    r = client.post("/v1/generate", json={"prompt": "Hi", "chat": True, "max_new_tokens": 4})
+    assert r.status_code == 422 and "no chat template" in r.json()["error"]
+    assert client.get("/healthz").json()["chat"] is False

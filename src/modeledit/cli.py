@@ -20,12 +20,26 @@ DEMO_EDIT = dict(
     prompt="The mother tongue of {} is",
     subject="Danielle Darrieux",
     target_new="English",
+    target_true="French",
 )
 DEMO_PROMPTS = {
     "edit prompt": "The mother tongue of Danielle Darrieux is",
     "paraphrase": "Danielle Darrieux's native language is",
     "neighbour": "Michel Rocard is a native speaker of",
     "unrelated": "The capital of France is",
+}
+# The lecture's example, asked as a user would: a question in chat.
+DEMO_CHAT_EDIT = dict(
+    prompt="Who is the prime minister of the UK?",
+    subject="UK",
+    target_new="Keir Starmer",
+    target_true="Theresa May",
+    chat=True,
+)
+DEMO_CHAT_PROMPTS = {
+    "edit prompt": "Who is the prime minister of the UK?",
+    "paraphrase": "Who is the current UK prime minister?",
+    "unrelated": "What is the capital of France?",
 }
 
 
@@ -84,69 +98,92 @@ def methods() -> None:
     """List the editing methods and their hyperparameters."""
     import dataclasses
 
-    from .editor import EDITORS, available_methods
+    from .editor import DEFAULT_METHOD, EDITORS, available_methods
 
     for name in available_methods():
         cls = EDITORS[name]
+        mark = " (default)" if name == DEFAULT_METHOD else ""
         fields = ", ".join(
             f"{f.name}={f.default!r}" if f.default is not dataclasses.MISSING else f.name
             for f in dataclasses.fields(cls.Config)
         )
         scope = "any model (task=)" if cls.any_model else "language models"
         console.print(
-            f"[bold]{name}[/] \\[{scope}]: {(cls.Config.__doc__ or '').strip().splitlines()[0]}\n  {fields}",
+            f"[bold]{name}[/]{mark} \\[{scope}]: {(cls.Config.__doc__ or '').strip().splitlines()[0]}\n"
+            f"  {fields}",
             highlight=False,
         )
+
+
+def _demo_case(model, tokenizer, method: str, request, shown: dict[str, str]) -> None:
+    """Answers before the edit, after it (with the holds verdicts) and after reverting it."""
+    from .editor import create_editor
+    from .forms import answer_holds, prompt_form
+    from .verify import verdict_line
+
+    labels, prompts = list(shown), list(shown.values())
+
+    def table(title: str, verdicts: bool = False) -> list[str]:
+        answers, p_target = _answers_table(model, tokenizer, request, prompts)
+        out = Table(title=title, title_justify="left")
+        for col in ("", "prompt", "greedy answer", f"P({request.target_new})"):
+            out.add_column(col)
+        if verdicts:
+            out.add_column("holds")
+        for label, prompt, answer, p in zip(labels, prompts, answers, p_target):
+            row = [label, prompt, answer.split("\n")[0][:90], f"{p:.3f}"]
+            if verdicts and label != "unrelated":
+                form = prompt_form(prompt, request.chat)
+                ok = answer_holds(answer, request.target_new, form, request.target_true)
+                row.append("[green]yes[/]" if ok else "[red]no[/]")
+            elif verdicts:
+                row.append("")
+            out.add_row(*row)
+        console.print(out)
+        return answers
+
+    form = "a question in chat" if request.chat else "a cloze sentence"
+    before = table(f"before the edit ({form})")
+    console.print(f"\nedit ({method}): {request.text!r} -> {request.target_new!r}")
+    editor = create_editor(method, model, tokenizer)
+    with console.status("computing and checking the patch"):
+        patch = editor.edit([request], verify=True)
+    holds = patch.info["verify"]["holds"]
+    style = "bold green" if holds else "bold red"
+    console.print(f"patch computed in {patch.info['seconds']:.1f} s: {patch}", highlight=False)
+    console.print(f"[{style}]{verdict_line(patch.info['verify'])}[/]\n", highlight=False)
+    patch.apply(model)
+    table("after the edit", verdicts=True)
+    patch.revert(model)
+    restored = table("after reverting the patch")
+    console.print(f"original answers restored: {'yes' if restored == before else 'NO'}\n")
 
 
 @app.command()
 def demo(
     model_name: str = typer.Option("default", "--model", help="model to edit"),
     method: str = typer.Option(
-        "mend", help="editing method (MEND uses the editor shipped for the default model)"
+        "mend", help="method of the cloze example (MEND uses the editor shipped for the default model)"
     ),
+    chat_method: str = typer.Option("default", help="method of the chat example (the default method)"),
 ) -> None:
-    """The main job: answers before an edit, after it, and after reverting it."""
+    """The main job: answers before an edit, after it, and after reverting it; a cloze sentence, then the
+    lecture's question in chat."""
 
     def body():
-        from .editor import create_editor
-        from .lm import generate
+        from .editor import resolve_method
+        from .forms import has_chat_template
         from .requests import EditRequest
 
         model, tokenizer = _load(model_name)
-        request = EditRequest(**DEMO_EDIT)
-        labels, prompts = list(DEMO_PROMPTS), list(DEMO_PROMPTS.values())
-
-        def show(title: str) -> list[str]:
-            answers = generate(model, tokenizer, prompts, max_new_tokens=8)
-            table = Table(title=title, title_justify="left")
-            table.add_column("")
-            table.add_column("prompt")
-            table.add_column("greedy answer")
-            table.add_column(f"P({request.target_new})", justify="right")
-            for label, prompt, answer in zip(labels, prompts, answers):
-                table.add_row(
-                    label,
-                    prompt,
-                    answer.strip().split("\n")[0],
-                    f"{_p_target(model, tokenizer, prompt, request.target_new):.3f}",
-                )
-            console.print(table)
-            return answers
-
-        before = show("1. before the edit")
-        console.print(f"\nedit ({method}): {request.text!r} -> {request.target_new!r}")
-        editor = create_editor(method, model, tokenizer)
-        start = time.perf_counter()
-        with console.status("computing the patch"):
-            patch = editor.edit([request])
-        console.print(f"patch computed in {time.perf_counter() - start:.1f} s: {patch}\n", highlight=False)
-        patch.apply(model)
-        show("2. after the edit")
-        patch.revert(model)
-        restored = show("3. after reverting the patch")
-        same = "yes" if restored == before else "NO"
-        console.print(f"\noriginal answers restored: {same}")
+        console.rule("1. a cloze sentence")
+        _demo_case(model, tokenizer, resolve_method(method), EditRequest(**DEMO_EDIT), DEMO_PROMPTS)
+        if not has_chat_template(tokenizer):
+            console.print(f"{model_name!r} has no chat template: no chat example", style="yellow")
+            return
+        console.rule("2. the lecture's question, in chat")
+        request = EditRequest(**DEMO_CHAT_EDIT)
+        _demo_case(model, tokenizer, resolve_method(chat_method), request, DEMO_CHAT_PROMPTS)
 
     _run(body)
 
@@ -159,56 +196,97 @@ def _editor_setting(method: str, editor_dir: Path | None) -> list[str]:
         return []
     if not editor_dir.is_dir():
         raise ValueError(f"--editor {editor_dir}: no such folder")
-    from .editor import EDITORS
+    from .editor import EDITORS, available_methods, resolve_method
 
+    available_methods()  # fills the registry: in a fresh process EDITORS is empty until then
+    method = resolve_method(method)
     field = EDITORS[method].trained_folder if method in EDITORS else "editor_path"
     return [f"{field}={editor_dir}"]
 
 
+def _answers_table(model, tokenizer, request, prompts: list[str]) -> tuple[list[str], list[float]]:
+    """Greedy answers (each prompt in the request's form) and P(target) of the prompts."""
+    from .forms import prompt_form, render_prompt
+    from .verify import generate_answers
+
+    shown = [render_prompt(tokenizer, p, request.chat, request.system) for p in prompts]
+    forms = [prompt_form(p, request.chat) for p in prompts]
+    answers = generate_answers(model, tokenizer, [(t, f, request.target_new) for t, f in zip(shown, forms)])
+    return [a.strip() for a in answers], [_p_target(model, tokenizer, t, request.target_new) for t in shown]
+
+
 @app.command()
 def edit(
-    prompt: str = typer.Option(..., help="prompt, containing the subject or {} for it"),
+    prompt: str = typer.Option(..., help="a cloze sentence or a question, with the subject or {}"),
     target: str = typer.Option(..., help="the new answer"),
     subject: str = typer.Option(None, help="the subject in the prompt"),
+    target_true: str = typer.Option(None, "--old", help="the old answer (an answer giving it fails)"),
     model_name: str = typer.Option("default", "--model"),
-    method: str = typer.Option("ft-l"),
-    paraphrase: list[str] = typer.Option([], help="extra prompts to show before/after (repeatable)"),
+    method: str = typer.Option("default", help="editing method; 'default' is the one `methods` marks"),
+    chat: bool = typer.Option(False, "--chat/--no-chat", help="edit the prompt as a user turn in chat"),
+    system: str = typer.Option(None, help="--chat: a system prompt (default: the template's own)"),
+    paraphrase: list[str] = typer.Option([], help="other phrasings to check and show (repeatable)"),
+    unrelated: list[str] = typer.Option([], help="unrelated prompts to show before/after (repeatable)"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="check that the edit holds in generation"),
+    require_hold: bool = typer.Option(False, help="exit 1, saving nothing, if the edit does not hold"),
     set_: list[str] = typer.Option([], "--set", help="hyperparameter override KEY=VALUE (repeatable)"),
     editor_dir: Path = typer.Option(None, "--editor", help=EDITOR_HELP),
     save: Path = typer.Option(None, help="save the patch to this .safetensors file"),
 ) -> None:
-    """Edit one fact and show greedy completions and P(target) before and after."""
+    """Edit one fact; show the generated answers and P(target) before and after, and whether it holds."""
 
     def body():
-        from .editor import create_editor
-        from .lm import generate
+        from .editor import create_editor, resolve_method
+        from .forms import render_prompt
         from .requests import EditRequest
+        from .verify import verdict_line
 
-        request = EditRequest(prompt=prompt, subject=subject, target_new=target)
+        request = EditRequest(
+            prompt=prompt, subject=subject, target_new=target, target_true=target_true,
+            paraphrase_prompts=list(paraphrase), chat=chat, system=system,
+        )  # fmt: skip
         request.validate()
+        if require_hold and not verify:
+            raise ValueError("--require-hold needs --verify")
         model, tokenizer = _load(model_name)
+        if chat:
+            render_prompt(tokenizer, request.text, chat=True)  # no chat template: a clear error now
+        name = resolve_method(method)
         editor = create_editor(
-            method, model, tokenizer, **_parse_overrides(set_ + _editor_setting(method, editor_dir))
+            name, model, tokenizer, **_parse_overrides(set_ + _editor_setting(name, editor_dir))
         )
-        prompts = [request.text, *paraphrase]
-        before = generate(model, tokenizer, prompts)
-        p_before = [_p_target(model, tokenizer, p, target) for p in prompts]
-        if before[0].strip().startswith(target.strip()):
-            console.print(f"[yellow]note:[/] the model already answers {target!r}; editing anyway")
-        with console.status("computing the patch"):
-            patch = editor.edit([request])
+        prompts = [request.text, *paraphrase, *unrelated]
+        kinds = ["edit"] + ["paraphrase"] * len(paraphrase) + ["unrelated"] * len(unrelated)
+        before, p_before = _answers_table(model, tokenizer, request, prompts)
+        with console.status(f"computing the patch ({name})"):
+            patch = editor.edit([request], verify=verify)
         patch.apply(model)
-        after = generate(model, tokenizer, prompts)
-        p_after = [_p_target(model, tokenizer, p, target) for p in prompts]
+        try:
+            after, p_after = _answers_table(model, tokenizer, request, prompts)
+        finally:
+            patch.revert(model)
         table = Table()
-        for col in ("prompt", "before", f"P({target}) before", "after", f"P({target}) after"):
+        for col in ("", "prompt", "before", f"P({target})", "after", f"P({target})"):
             table.add_column(col)
-        for row in zip(prompts, before, p_before, after, p_after):
-            table.add_row(row[0], row[1].strip(), f"{row[2]:.3f}", row[3].strip(), f"{row[4]:.3f}")
+        for row in zip(kinds, prompts, before, p_before, after, p_after):
+            table.add_row(row[0], row[1], row[2], f"{row[3]:.3f}", row[4], f"{row[5]:.3f}")
         console.print(table)
         console.print(f"{patch} in {patch.info['seconds']:.2f} s", highlight=False)
+        holds = None
+        if verify:
+            checks = patch.info["verify"]
+            holds = checks["holds"]
+            paraphrases = [row["holds"] for row in checks["prompts"] if row["kind"] == "paraphrase"]
+            tries = f", {checks['tries']} tries" if checks["tries"] > 1 else ""
+            extra = f"; paraphrases hold: {sum(paraphrases)} of {len(paraphrases)}" if paraphrases else ""
+            style = "bold green" if holds else "bold red"
+            console.print(f"[{style}]{verdict_line(checks)}[/]{extra}{tries}", highlight=False)
+        if holds is False and require_hold:
+            console.print("not saved: the edit does not hold (--require-hold)")
+            raise typer.Exit(1)
         if save:
-            console.print(f"saved patch to {patch.save(save)}")
+            note = " (the edit does NOT hold)" if holds is False else ""
+            console.print(f"saved patch to {patch.save(save)}{note}", highlight=False)
 
     _run(body)
 
@@ -238,28 +316,57 @@ def eval_(
         "--resume/--no-resume",
         help="with --out: continue an interrupted run from OUT.partial.jsonl (same settings)",
     ),
+    forms: str = typer.Option(
+        "plain", help="plain, chat or plain,chat: each edit made and scored in each form (chat keys: _chat)"
+    ),
+    generation: bool = typer.Option(
+        True, "--gen/--no-gen", help="also the generation-based ES_gen / PS_gen / NS_gen (greedy answers)"
+    ),
+    skip_invalid: bool = typer.Option(False, help="leave out records that are not valid edits (say which)"),
 ) -> None:
-    """Edit records of a data file and measure ES/PS/NS/S, EM/PM/NM, accuracy and drawdown."""
+    """Edit records of a data file and measure ES/PS/NS/S (teacher-forced and generated), EM/PM/NM,
+    accuracy and drawdown."""
 
     def body():
         from .editor import create_editor
-        from .evaluate import evaluate, remove_checkpoint
-        from .requests import load_requests
+        from .evaluate import checkpoints_of, evaluate_forms, remove_checkpoint
+        from .forms import FORMS
+        from .requests import EditRequestError, load_requests
 
+        form_list = tuple(f.strip() for f in forms.split(",") if f.strip())
+        if not form_list or any(f not in FORMS for f in form_list):
+            raise ValueError(f"--forms {forms!r}: use {', '.join(FORMS)} (comma-separated)")
+        if mode not in ("single", "batch", "sequential"):
+            raise ValueError(f"unknown mode {mode!r}: use single, batch or sequential")
+        if offset < 0 or (limit is not None and limit < 1):
+            raise ValueError("--offset must be >= 0 and --limit >= 1")
+        from .editor import available_methods, resolve_method
+
+        if method != "none" and resolve_method(method) not in available_methods():
+            names = ", ".join(available_methods())
+            raise ValueError(f"unknown method {method!r}; available: none, default, {names}")
         if resume and out is None:
             raise ValueError("--resume needs --out (the partial results are kept beside it)")
         # runs with --out keep their progress beside it (sequential: also OUT.partial.jsonl.patches/), so
         # --resume can continue them
         partial = out.parent / f"{out.name}.partial.jsonl" if out else None
-        requests = load_requests(data, offset=offset, limit=limit)
+        skipped: list[str] | None = [] if skip_invalid else None
+        try:
+            requests = load_requests(data, offset=offset, limit=limit, skipped=skipped)
+        except EditRequestError as e:
+            raise EditRequestError(f"{e} (--skip-invalid leaves such records out)") from None
+        for message in skipped or []:
+            console.print(f"[yellow]skipped[/] {message}", highlight=False)
         model, tokenizer = _load(model_name)
         overrides = _parse_overrides(set_ + _editor_setting(method, editor_dir))
         editor = None if method == "none" else create_editor(method, model, tokenizer, **overrides)
-        result = evaluate(
+        result = evaluate_forms(
             model,
             tokenizer,
             editor,
             requests,
+            forms=form_list,
+            generation=generation,
             mode=mode,
             batch_size=batch_size,
             fluency_tokens=fluency_tokens,
@@ -280,7 +387,8 @@ def eval_(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1, default=str))
             if partial is not None:
-                remove_checkpoint(partial)
+                for path in checkpoints_of(partial, form_list):
+                    remove_checkpoint(path)
             console.print(f"wrote {out}")
 
     _run(body)

@@ -26,6 +26,14 @@ from .tasks import Task, TensorEdit, resolve_task
 from .verify import check_patch
 
 MAX_TRIES = 3  # verify=True: an edit and at most two stronger ones
+# What "default" means wherever a method is asked (CLI, service, page, create_editor): the single-edit
+# method with the best generation-based figures on dev (README: "Which method to use").
+DEFAULT_METHOD = "grace"
+
+
+def resolve_method(method: str) -> str:
+    """A method name, with "default" read as ``DEFAULT_METHOD``."""
+    return DEFAULT_METHOD if method == "default" else method
 
 
 def stronger(config: Any, ladder: dict[str, float], step: int) -> Any:
@@ -171,8 +179,10 @@ def create_editor(
     "regression", a loss function ``(outputs, targets) -> (n,)``, or a Task) and edits given as TensorEdit.
     """
     names = available_methods()
+    method = resolve_method(method)
     if method not in EDITORS:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(names)}")
+        listed = ", ".join(names)
+        raise ValueError(f"unknown method {method!r}; available: default ({DEFAULT_METHOD}), {listed}")
     cls = EDITORS[method]
     valid = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = set(overrides) - valid

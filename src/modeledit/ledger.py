@@ -252,12 +252,15 @@ def _manifest_entry(manifest_path: Path, i: int, item: Any) -> Entry:
 def measure(
     model: nn.Module, tokenizer, requests: Sequence[EditRequest], answer_tokens: int = 8
 ) -> list[dict]:
-    """P(target_new) (and P(target_true) where given) after each request's prompt, and its greedy answer."""
+    """P(target_new) (and P(target_true) where given) after each request's prompt, and its greedy answer
+    (each prompt in its form; a question or chat answer is at least ``forms.CHAT_ANSWER_TOKENS`` long)."""
+    from .forms import CHAT_ANSWER_TOKENS, prompt_form, rendered
     from .lm import generate
     from .metrics import score_pairs
 
+    shown = [rendered(r, tokenizer) for r in requests]
     prompts, targets, keys = [], [], []
-    for i, r in enumerate(requests):
+    for i, r in enumerate(shown):
         for key, target in (("p_new", r.target_new), ("p_true", r.target_true)):
             if target:
                 prompts.append(r.text)
@@ -267,9 +270,10 @@ def measure(
     for (i, key), s in zip(keys, score_pairs(model, tokenizer, prompts, targets)):
         out[i][key] = float(torch.tensor(-s.nll).exp())
     if answer_tokens > 0:
-        answers = generate(model, tokenizer, [r.text for r in requests], max_new_tokens=answer_tokens)
-        for i, a in enumerate(answers):
-            out[i]["answer"] = a
+        for i, (r, seen) in enumerate(zip(requests, shown)):
+            cloze = prompt_form(r.text, r.chat) == "cloze"
+            tokens = answer_tokens if cloze else max(answer_tokens, CHAT_ANSWER_TOKENS)
+            out[i]["answer"] = generate(model, tokenizer, [seen.text], max_new_tokens=tokens)[0]
     return out
 
 
@@ -620,18 +624,24 @@ class Ledger:
         model: nn.Module,
         tokenizer,
         requests: EditRequest | dict | Sequence[EditRequest | dict],
-        method: str = "ft-l",
+        method: str = "default",
         hparams: dict[str, Any] | None = None,
         answer_tokens: int = 8,
+        verify: bool = True,
     ) -> Entry:
         """Compute an edit on ``model`` (which should be in sync with the ledger), record it, apply it.
+
+        ``verify``: the edit is checked in generation first (``Editor.edit(verify=True)``); its verdict is
+        in the entry's ``metrics["verify"]`` (``holds``, per prompt). An edit that does not hold is still
+        recorded and applied: the caller sees the verdict and may revert it.
 
         The returned entry has the metrics before and after and the patch. Errors in the method, its
         hyperparameters or the requests are raised before anything is recorded; an edit that fails or
         is interrupted while it is computed ends ``aborted``, never half applied.
         """
-        from .editor import create_editor
+        from .editor import create_editor, resolve_method
 
+        method = resolve_method(method)
         requests = _as_requests(requests)
         editor = create_editor(method, model, tokenizer, **(hparams or {}))
         max_len = getattr(model.config, "max_position_embeddings", None) or getattr(
@@ -659,13 +669,14 @@ class Ledger:
         try:
             before = measure(model, tokenizer, requests, answer_tokens)
             start = time.perf_counter()
-            patch = editor.edit(requests)
+            patch = editor.edit(requests, verify=verify)
             seconds = time.perf_counter() - start
             patch.id = entry_id
             patch.apply(model)
             after = measure(model, tokenizer, requests, answer_tokens)
             metrics = {
                 "seconds": seconds,
+                **({"holds": v["holds"], "verify": v} if (v := patch.info.get("verify")) else {}),
                 "requests": [
                     {f"{k}_before": v for k, v in b.items()} | {f"{k}_after": v for k, v in a.items()}
                     for b, a in zip(before, after)

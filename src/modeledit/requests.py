@@ -205,8 +205,13 @@ def request_from_record(r: Any, index: int = 0) -> EditRequest:
     return req
 
 
-def load_requests(path: str | Path, offset: int = 0, limit: int | None = None) -> list[EditRequest]:
-    """Read a JSON list or JSONL file of CounterFact / flattened CounterFact / zsRE / EditRequest records."""
+def load_requests(
+    path: str | Path, offset: int = 0, limit: int | None = None, skipped: list[str] | None = None
+) -> list[EditRequest]:
+    """Read a JSON list or JSONL file of CounterFact / flattened CounterFact / zsRE / EditRequest records.
+
+    A record that is not a valid edit raises EditRequestError; with a ``skipped`` list, it is left out and
+    its error appended there instead (zsRE's MEND split has records with an empty new answer)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -232,5 +237,15 @@ def load_requests(path: str | Path, offset: int = 0, limit: int | None = None) -
                 raise EditRequestError(f"{path}: not valid JSON or JSONL ({detail})") from None
     if not records:
         raise EditRequestError(f"{path}: no records")
+    if offset < 0 or (limit is not None and limit < 0):
+        raise EditRequestError(f"offset and limit must be >= 0, got {offset} and {limit}")
     end = None if limit is None else offset + limit
-    return [request_from_record(r, offset + i) for i, r in enumerate(records[offset:end])]
+    out = []
+    for i, r in enumerate(records[offset:end]):
+        try:
+            out.append(request_from_record(r, offset + i))
+        except EditRequestError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
+    return out

@@ -31,7 +31,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from torch import nn
 
 from ..arch import ArchitectureError
-from ..editor import EDITORS, available_methods
+from ..editor import DEFAULT_METHOD, EDITORS, available_methods, resolve_method
+from ..forms import FormError, has_chat_template, render_chat
 from ..ledger import EditStateError, Entry, Ledger, LedgerError, UnknownEditError
 from ..lm import is_seq2seq, target_batch, token_logprobs
 from ..models import fingerprint
@@ -40,7 +41,6 @@ from ..requests import EditRequest, EditRequestError
 
 STATIC = Path(__file__).parent / "static"
 TOKEN_ENV = "MODELEDIT_API_TOKEN"
-DEFAULT_METHOD = "ft-l"
 MAX_PROMPT_CHARS = 2000
 MAX_TARGET_CHARS = 200
 MAX_CONTINUATIONS = 16
@@ -207,7 +207,7 @@ class Service:
             for c, s, k in zip(continuations, sums, counts)
         ]
 
-    def edit(self, request: EditRequest, method: str, hparams: dict[str, Any]) -> Entry:
+    def edit(self, request: EditRequest, method: str, hparams: dict[str, Any], verify: bool = True) -> Entry:
         with self.edit_lock:
             self._sync()
             entry = self.ledger.edit(
@@ -217,6 +217,7 @@ class Service:
                 method=method,
                 hparams=hparams,
                 answer_tokens=self.limits.answer_tokens,
+                verify=verify,
             )
             self._sync()
             return entry
@@ -235,6 +236,7 @@ class GenerateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_new_tokens: int = Field(20, ge=1, description="at most the server's limit (default 128)")
+    chat: bool = Field(False, description="ask the prompt as a user turn in the model's chat template")
 
 
 class GenerateOut(BaseModel):
@@ -264,7 +266,9 @@ class ScoreOut(BaseModel):
 
 class EditIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: str = Field(DEFAULT_METHOD, description="a registered editing method (GET /v1/methods)")
+    method: str = Field(
+        "default", description=f"a registered editing method (GET /v1/methods); default: {DEFAULT_METHOD}"
+    )
     prompt: str = Field(
         min_length=1, max_length=MAX_PROMPT_CHARS, description="full prompt, or {} for the subject"
     )
@@ -272,6 +276,9 @@ class EditIn(BaseModel):
     target_new: str = Field(min_length=1, max_length=MAX_TARGET_CHARS)
     target_true: str | None = Field(None, max_length=MAX_TARGET_CHARS)
     paraphrase_prompts: list[str] = Field(default_factory=list, max_length=MAX_PARAPHRASES)
+    chat: bool = Field(False, description="the prompt is a user turn in the model's chat template")
+    system: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="chat: a system prompt")
+    verify: bool = Field(True, description="check in generation that the edit holds (metrics.holds)")
     hparams: dict[str, Any] = Field(default_factory=dict, description="hyperparameter overrides")
 
 
@@ -287,7 +294,9 @@ class EntryOut(BaseModel):
     hparams: dict[str, Any]
     requests: list[dict[str, Any]]
     metrics: dict[str, Any] | None = Field(
-        None, description="seconds; per request p_new/p_true/answer _before and _after"
+        None,
+        description="seconds; holds and verify (the check in generation); per request p_new/p_true/answer "
+        "_before and _after",
     )
     patch_file: str | None = None
     patch_sha256: str | None = None
@@ -305,6 +314,7 @@ class HealthOut(BaseModel):
     model: str
     fingerprint: str
     applied_edits: int
+    chat: bool = Field(False, description="the model has a chat template (chat-form edits and questions)")
 
 
 class MethodsOut(BaseModel):
@@ -456,7 +466,11 @@ def create_app(
     @app.get("/healthz", response_model=HealthOut)
     def healthz():
         return HealthOut(
-            status="ok", model=model_name, fingerprint=fingerprint(model), applied_edits=service.applied()
+            status="ok",
+            model=model_name,
+            fingerprint=fingerprint(model),
+            applied_edits=service.applied(),
+            chat=has_chat_template(service.tokenizer),
         )
 
     @app.get("/v1/methods", response_model=MethodsOut)
@@ -474,7 +488,13 @@ def create_app(
         """Greedy continuation of the prompt by the model with every applied edit."""
         if body.max_new_tokens > limits.max_new_tokens:
             raise HTTPException(422, f"max_new_tokens: at most {limits.max_new_tokens}")
-        text = service.generate(body.prompt, body.max_new_tokens)
+        prompt = body.prompt
+        if body.chat:
+            try:
+                prompt = render_chat(service.tokenizer, body.prompt)
+            except FormError as e:
+                raise HTTPException(422, str(e)) from None
+        text = service.generate(prompt, body.max_new_tokens)
         return GenerateOut(
             prompt=body.prompt, text=text, max_new_tokens=body.max_new_tokens, applied_edits=service.applied()
         )
@@ -496,7 +516,8 @@ def create_app(
     )
     def create_edit(body: EditIn):
         """Compute an edit, record it in the ledger, apply it; the entry has P(target) before and after."""
-        if body.method not in available_methods():
+        method = resolve_method(body.method)
+        if method not in available_methods():
             raise HTTPException(
                 422, f"unknown method {body.method!r}; available: {', '.join(available_methods())}"
             )
@@ -509,9 +530,11 @@ def create_app(
             target_new=body.target_new,
             target_true=body.target_true or None,
             paraphrase_prompts=list(body.paraphrase_prompts),
+            chat=body.chat,
+            system=body.system or None,
         )
         try:
-            entry = service.edit(request, body.method, dict(body.hparams))
+            entry = service.edit(request, method, dict(body.hparams), verify=body.verify)
         except (EditRequestError, ArchitectureError, PatchError, LedgerError, ValueError, TypeError) as e:
             # bad request fields, unknown or ill-typed hyperparameters, a method not available for this model
             raise HTTPException(422, str(e) or type(e).__name__) from None

@@ -46,7 +46,8 @@ async function ask() {
   if (!prompt.trim()) return;
   const maxNewTokens = parseInt($("max-tokens").value, 10) || 12;
   try {
-    const out = await api("POST", "/v1/generate", { prompt, max_new_tokens: maxNewTokens });
+    const chat = $("ask-chat").checked;
+    const out = await api("POST", "/v1/generate", { prompt, max_new_tokens: maxNewTokens, chat });
     $("answer").textContent = out.text;
     $("answer").dataset.prompt = prompt;
   } catch (err) {
@@ -81,6 +82,7 @@ async function loadHistory() {
     return;
   }
   $("model-info").textContent = `${health.model} · ${health.applied_edits} edits applied`;
+  for (const el of document.querySelectorAll(".chat-only")) el.hidden = !health.chat;
   const body = $("history").querySelector("tbody");
   body.replaceChildren();
   for (const entry of entries.slice().reverse()) {
@@ -93,6 +95,9 @@ async function loadHistory() {
     cell(row, editText(entry));
     const m = ((entry.metrics || {}).requests || [])[0] || {};
     cell(row, m.p_new_before === undefined ? "" : `${fmt(m.p_new_before)} → ${fmt(m.p_new_after)}`);
+    const holds = (entry.metrics || {}).holds;
+    const verdict = cell(row, holds === undefined ? "" : holds ? "yes" : "NO");
+    verdict.className = holds === undefined ? "" : holds ? "holds" : "fails";
     cell(row, entry.state).className = "state";
     const actions = cell(row, "");
     if (entry.state === "applied") {
@@ -118,11 +123,15 @@ async function makeEdit() {
       return;
     }
   }
+  const paraphrase = $("edit-paraphrase").value.trim();
   const body = {
     method: $("edit-method").value,
     prompt: $("edit-prompt").value,
     subject: $("edit-subject").value || null,
     target_new: $("edit-target").value,
+    target_true: $("edit-old").value || null,
+    paraphrase_prompts: paraphrase ? [paraphrase] : [],
+    chat: $("edit-chat").checked,
     hparams,
   };
   status("computing the edit…");
@@ -135,12 +144,36 @@ async function makeEdit() {
     $("p-before").textContent = fmt(m.p_new_before);
     $("p-after").textContent = fmt(m.p_new_after);
     $("edit-result").hidden = false;
+    showVerdict(entry);
     status(`edit ${entry.id} applied`);
     await Promise.all([loadHistory(), ask()]);
   } catch (err) {
     status(err.message, true);
   } finally {
     $("edit-submit").disabled = false;
+  }
+}
+
+// The check in generation: the edit holds (green) or not (red), and each checked prompt's answer.
+function showVerdict(entry) {
+  const checks = (entry.metrics || {}).verify;
+  const verdict = $("edit-verdict");
+  const body = $("edit-checks").querySelector("tbody");
+  body.replaceChildren();
+  verdict.hidden = $("edit-checks").hidden = !checks;
+  if (!checks) return;
+  const failed = checks.prompts.find((p) => p.kind === "edit" && !p.holds);
+  verdict.textContent = failed
+    ? `The edit does NOT hold: the model answers "${failed.answer}"`
+    : "The edit holds: the model answers with the new answer.";
+  verdict.className = failed ? "fails" : "holds";
+  for (const p of checks.prompts) {
+    const row = document.createElement("tr");
+    cell(row, p.kind);
+    cell(row, p.prompt);
+    cell(row, p.answer);
+    cell(row, p.holds ? "yes" : "no").className = p.holds ? "holds" : "fails";
+    body.appendChild(row);
   }
 }
 
