@@ -442,13 +442,13 @@ class SERAC(MemoryEditor):
         so that the many easy pairs do not drown the hard ones.
         """
         requests = batch.requests
-        anchors = [r.text for r in requests]
+        anchors = [scope_text(self.tokenizer, r.text) for r in requests]
         queries, owner, positive = [], [], []
         for i, r in enumerate(requests):
             for text, pos in [(t, True) for t in [r.text, *r.paraphrase_prompts]] + [
                 (t, False) for t in r.neighborhood_prompts
             ]:
-                queries.append(text)
+                queries.append(scope_text(self.tokenizer, text))
                 owner.append(i)
                 positive.append(pos)
         logits = self.classifier(self.encoder(queries), self.encoder(anchors))  # (queries, edits)

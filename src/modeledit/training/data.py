@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..forms import rendered
 from ..lm import target_batch, text_batch
 from ..locality import default_locality_texts
 from ..requests import EditRequest
@@ -60,7 +61,9 @@ class MetaBatch:
 def meta_batch(
     tokenizer, requests: list[EditRequest], texts: list[str], seq2seq: bool = False, max_text_tokens: int = 24
 ) -> MetaBatch:
-    """Tokenize k edits (with their paraphrases and neighbours) and some unrelated texts into a MetaBatch."""
+    """Tokenize k edits (with their paraphrases and neighbours) and some unrelated texts into a MetaBatch;
+    each edit's prompts in its form (question and chat edits as the model sees them: ``forms.rendered``)."""
+    requests = [rendered(r, tokenizer) for r in requests]
     prompts = [r.text for r in requests] + [p for r in requests for p in r.paraphrase_prompts]
     new = [r.target_new for r in requests] + [r.target_new for r in requests for _ in r.paraphrase_prompts]
     true = [r.target_true for r in requests] + [r.target_true for r in requests for _ in r.paraphrase_prompts]

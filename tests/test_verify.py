@@ -1,0 +1,50 @@
+"""Edits checked in generation on the real default model: the lecture's example in chat form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modeledit import create_editor
+from modeledit.forms import render_prompt, scope_text
+from modeledit.patch import attachment
+from modeledit.requests import EditRequest
+
+PM = dict(
+    prompt="Who is the prime minister of the UK?",
+    subject="UK",
+    target_new="Keir Starmer",
+    target_true="Theresa May",
+    paraphrase_prompts=["Who is the current UK prime minister?"],
+    chat=True,
+)
+
+
+@pytest.mark.slow
+def test_verify_tells_a_strong_edit_from_a_too_weak_one(default_model):
+    model, tok = default_model
+    torch.set_grad_enabled(True)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    strong = create_editor("grace", model, tok).edit(EditRequest(**PM), verify=True)
+    checks = strong.info["verify"]
+    assert checks["holds"] is True, checks
+    assert "keir starmer" in checks["prompts"][0]["answer"].lower()
+    weak = create_editor("grace", model, tok, steps=1, lr=1e-6).edit(EditRequest(**PM), verify=True)
+    assert weak.info["verify"]["holds"] is False and weak.info["verify"]["tries"] == 3
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # edit() changes nothing
+
+
+@pytest.mark.slow
+def test_serac_scope_reads_the_user_turn_not_the_shared_system_prompt(default_model):
+    """Two chat prompts share the template's system prompt; only the edited question is in scope."""
+    model, tok = default_model
+    torch.set_grad_enabled(True)
+    patch = create_editor("serac", model, tok).edit(EditRequest(**PM))
+    patch.apply(model)
+    try:
+        memory = attachment(model, "serac")
+        asked = [render_prompt(tok, q, chat=True) for q in (PM["prompt"], "What is the capital of France?")]
+        _, logits = memory.scope([scope_text(tok, t) for t in asked])
+        assert logits[0] > 0 and logits[1] <= 0, logits
+    finally:
+        patch.revert(model)
