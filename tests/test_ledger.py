@@ -557,7 +557,7 @@ def run(job):
         wrap_after(L, "_write_patch", lambda *a, **k: True)
     elif stage in ("edit-in-transaction", "revert-in-transaction"):
         action = "applied" if stage.startswith("edit") else "reverted"
-        wrap_after(L, "_log", lambda self, db, edit_id, act, detail=None: act == action)
+        wrap_after(L, "_log", lambda self, db, edit_id, act, detail=None, audit=None: act == action)
     elif stage == "revert-committed":
         original_sync = L.sync
         L.sync = lambda self, m: (pause(stage), original_sync(self, m))[1]

@@ -21,7 +21,8 @@ from modeledit.forms import answer_holds
 from modeledit.ledger import weights_digest
 from modeledit.methods.ft import FineTune
 from modeledit.models import load_model
-from modeledit.server import Limits, ServerThread, check_bind, create_app
+from modeledit.server import Limits, ServerThread, check_bind, create_app, log_config, token_fingerprint
+from modeledit.server.app import EditIn, request_digest
 
 TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -217,11 +218,23 @@ def test_no_token_no_listening_beyond_loopback(monkeypatch):
     for host in ("0.0.0.0", "192.168.1.5", "example.org", "::"):
         with pytest.raises(ValueError, match="MODELEDIT_API_TOKEN"):
             check_bind(host, None)
-        check_bind(host, "a-token")
+        check_bind(host, "x" * 32)
     result = CliRunner().invoke(
         cli_app, ["serve", "--model", "no-model-needed", "--db", "x.db", "--host", "0.0.0.0"]
     )
     assert result.exit_code == 2 and "refusing to serve on 0.0.0.0" in result.output, result.output
+
+
+def test_a_short_token_is_refused_beyond_loopback(monkeypatch):
+    for short in ("a", "a-token", "x" * 31):
+        with pytest.raises(ValueError, match=f"with a {len(short)}-character API token: .* at least 32"):
+            check_bind("0.0.0.0", short)
+        check_bind("127.0.0.1", short)  # loopback: any token
+    monkeypatch.setenv("MODELEDIT_API_TOKEN", "a")
+    args = ["serve", "--model", "no-model-needed", "--db", "x.db", "--host", "0.0.0.0"]
+    result = CliRunner().invoke(cli_app, args)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "1-character API token" in output and "at least 32" in output, output
 
 
 def test_concurrent_clients_never_see_half_applied_weights(model_dir, tmp_path, monkeypatch):
@@ -317,8 +330,9 @@ def test_modeledit_serve_wires_token_limits_host_check_and_replay(model_dir, tmp
     )
     checked = {}
 
-    def fake_run(app, host, port, log_level):
+    def fake_run(app, host, port, log_level, log_config):
         checked.update(host=host, port=port)
+        assert log_config["loggers"]["uvicorn.access"]["filters"] == ["path_only"]  # no query strings
         with TestClient(app, base_url=f"http://{host}:{port}") as c:
             assert c.get("/healthz").json()["applied_edits"] == 1  # replayed on start
             assert c.post("/v1/edits", json=EDIT).status_code == 401
@@ -353,3 +367,141 @@ def test_edits_carry_the_holds_verdict_and_chat_needs_a_template(client):
     r = client.post("/v1/generate", json={"prompt": "Hi", "chat": True, "max_new_tokens": 4})
     assert r.status_code == 422 and "no chat template" in r.json()["error"]
     assert client.get("/healthz").json()["chat"] is False
+
+
+# -- idempotency, audit trail, logs and errors (issue 36) ----------------------------------------------------
+
+
+def test_an_idempotency_key_applies_an_edit_once_also_after_a_restart(model_dir, tmp_path):
+    db = tmp_path / "edits.db"
+    key = {"Idempotency-Key": "retry-0001"}
+    app, _ = make_app(model_dir, db)
+    with TestClient(app) as c:
+        first = c.post("/v1/edits", json=EDIT, headers=AUTH | key)
+        assert first.status_code == 201, first.text
+        again = c.post("/v1/edits", json=EDIT, headers=AUTH | key)  # a retry after a lost response
+        assert again.status_code == 201 and again.json() == first.json()
+        assert c.get("/healthz").json()["applied_edits"] == 1
+        other = c.post("/v1/edits", json=EDIT | {"subject": "Spain"}, headers=AUTH | key)
+        assert other.status_code == 422 and "used with another request body" in other.json()["error"]
+        # an edit that fails once recorded (diverged) gets the same answer on a retry, and ends aborted once
+        bad = EDIT | {"hparams": {"steps": 3, "lr": 1e30}}
+        failed = c.post("/v1/edits", json=bad, headers=AUTH | {"Idempotency-Key": "retry-0002"})
+        assert failed.status_code == 422 and "diverged" in failed.json()["error"]
+        assert c.post("/v1/edits", json=bad, headers=AUTH | {"Idempotency-Key": "retry-0002"}).json() == (
+            failed.json()
+        )
+        for bad_key in ("", "has space", "x" * 256, "tab\tkey"):
+            r = c.post("/v1/edits", json=EDIT, headers=AUTH | {"Idempotency-Key": bad_key})
+            assert r.status_code == 422 and "Idempotency-Key" in r.json()["error"], (bad_key, r.text)
+    app2, _ = make_app(model_dir, db)  # a restart: the keys are in the ledger
+    with TestClient(app2) as c:
+        r = c.post("/v1/edits", json=EDIT, headers=AUTH | key)
+        assert r.status_code == 201 and r.json()["id"] == first.json()["id"]
+        assert c.get("/healthz").json()["applied_edits"] == 1
+    assert [e.state for e in Ledger(db).entries()] == ["applied", "aborted"]
+
+
+def test_a_key_whose_edit_was_applied_before_its_process_answered_is_not_applied_again(model_dir, tmp_path):
+    """The server died after the edit was committed, before the response was sent (or remembered)."""
+    db = tmp_path / "edits.db"
+    model, tok = load_model(str(model_dir))
+    digest = request_digest(EditIn(**EDIT))
+    request = {k: EDIT[k] for k in ("prompt", "subject", "target_new")}
+    entry = Ledger(db).edit(
+        model, tok, request, method="ft", hparams=EDIT["hparams"], idempotency=("k", digest)
+    )
+    assert Ledger(db).idempotency_key("k")["status"] is None
+    app, _ = make_app(model_dir, db)
+    with TestClient(app) as c:
+        r = c.post("/v1/edits", json=EDIT, headers=AUTH | {"Idempotency-Key": "k"})
+        assert r.status_code == 201 and r.json()["id"] == entry.id
+    assert len(Ledger(db).entries()) == 1
+
+
+def test_edits_and_reverts_leave_an_audit_trail(model_dir, tmp_path):
+    db = tmp_path / "edits.db"
+    app, _ = make_app(model_dir, db)
+    with TestClient(app) as c:
+        entry = c.post("/v1/edits", json=EDIT, headers=AUTH).json()
+        assert c.delete(f"/v1/edits/{entry['id']}", headers=AUTH).status_code == 200
+    who = token_fingerprint(TOKEN)
+    events = Ledger(db).events(entry["id"])
+    assert [e["action"] for e in events] == ["begin", "applied", "reverted"]
+    assert all(e["actor"] == who and e["client"] == "testclient" and e["time"] for e in events), events
+    result = CliRunner().invoke(cli_app, ["ledger", "show", entry["id"], "--db", str(db)])
+    shown = json.loads(result.output)["events"]
+    assert result.exit_code == 0 and shown[-1]["actor"] == who and shown[-1]["client"] == "testclient"
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("edits.db*") if p.is_file())
+    assert TOKEN.encode() not in stored and who.encode() in stored  # the fingerprint, never the token
+
+
+def test_a_schema_1_ledger_gets_the_audit_columns_and_the_key_table(model_dir, tmp_path):
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    model, tok = load_model(str(model_dir))
+    Ledger(db).edit(
+        model, tok, {"prompt": PROMPT, "target_new": "Quux"}, method="ft", hparams=EDIT["hparams"]
+    )
+    con = sqlite3.connect(db)  # back to schema 1, as modeledit before issue 36 made it
+    con.executescript(
+        "DROP TABLE idempotency_keys; ALTER TABLE events DROP COLUMN actor; ALTER TABLE events DROP COLUMN "
+        "client; UPDATE meta SET value = '1' WHERE key = 'schema_version';"
+    )
+    con.close()
+    assert "actor" not in Ledger(db, read_only=True).events()[0]  # reading it changes nothing
+    ledger = Ledger(db)
+    assert ledger._meta("schema_version") == "2" and ledger.idempotency_key("x") is None
+    assert ledger.events()[0]["actor"] is None
+
+
+def test_the_access_log_has_no_query_string(model_dir, tmp_path):
+    import logging
+
+    app, _ = make_app(model_dir, tmp_path / "edits.db")
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    with ServerThread(app, log_level="info", log_config=log_config()) as server:
+        access = logging.getLogger("uvicorn.access")
+        keep = Keep()
+        access.addHandler(keep)
+        try:
+            assert httpx.get(server.url + "/healthz?token=SECRET-0123&x=1").status_code == 200
+            deadline = time.monotonic() + 10
+            while not lines and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            access.removeHandler(keep)
+    assert lines and "GET /healthz HTTP/1.1" in lines[0] and "SECRET" not in " ".join(lines), lines
+
+
+def test_errors_tell_clients_without_the_token_no_server_paths(model_dir, tmp_path, monkeypatch):
+    app, _ = make_app(model_dir, tmp_path / "edits.db")
+    folder = str(tmp_path)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/edits", json=EDIT)
+        assert r.status_code == 401 and r.json()["error"] == (
+            "missing or wrong bearer token (send Authorization: Bearer <MODELEDIT_API_TOKEN>)"
+        )
+        r = c.post("/v1/edits", json=EDIT, headers={"Origin": "http://evil.example/x"})
+        assert r.status_code == 403 and "evil" not in r.text and folder not in r.text
+        r = c.get("/v1/edits/feedbeef0000")  # the ledger's message names its file
+        assert r.status_code == 404 and folder not in r.text and "no edit 'feedbeef0000' in <path>" in r.text
+        assert folder in c.get("/v1/edits/feedbeef0000", headers=AUTH).text  # the operator sees it
+
+        def broken(prompt, max_new_tokens):
+            raise OSError(f"[Errno 13] Permission denied: '{folder}/edits.db.patches/x.safetensors'")
+
+        monkeypatch.setattr(app.state.service, "generate", broken)
+        body = {"prompt": PROMPT, "max_new_tokens": 2}
+        r = c.post("/v1/generate", json=body)
+        assert (
+            r.status_code == 500 and r.json()["error"] == "internal error (the server's log has the details)"
+        )
+        r = c.post("/v1/generate", json=body, headers=AUTH)
+        assert r.status_code == 500 and folder in r.json()["error"]

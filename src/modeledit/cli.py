@@ -726,6 +726,21 @@ def _p(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _cli_audit():
+    """Who reverts from the command line, for the ledger's audit trail: this machine's user."""
+    import getpass
+
+    from .ledger import Audit
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container's uid with no name
+        import os
+
+        user = f"uid {os.getuid()}"
+    return Audit(actor=f"cli:{user}", client="local")
+
+
 @ledger_app.command("list")
 def ledger_list(
     db: Path = DB_OPTION,
@@ -778,7 +793,7 @@ def ledger_revert(
 
     def body():
         with _open_ledger(db) as ledger:
-            entry = ledger.revert(edit_id)
+            entry = ledger.revert(edit_id, audit=_cli_audit())
             remaining = len(ledger.entries("applied"))
         console.print(
             f"reverted {entry.id} ({entry.summary()}); {remaining} edits remain applied. A running server "

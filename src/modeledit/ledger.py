@@ -47,7 +47,7 @@ from .models import fingerprint
 from .patch import Patch, PatchError, applied_patches, revert_all
 from .requests import EditRequest, EditRequestError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: events carry who asked (actor, client); idempotency keys of the service
 EXPORT_FORMAT = "modeledit-ledger"
 STATES = ("pending", "applied", "reverted", "aborted")
 MARKER = ("application", "modeledit-ledger")  # the meta row that says "this file is a ledger"
@@ -77,9 +77,23 @@ CREATE TABLE IF NOT EXISTS events (
     time    TEXT NOT NULL,
     edit_id TEXT NOT NULL,
     action  TEXT NOT NULL,
-    detail  TEXT
+    detail  TEXT,
+    actor   TEXT,                                    -- who asked: a token's fingerprint, cli:<user>
+    client  TEXT                                     -- from where: the client's address
 );
 """
+# Schema 2 (added to schema-1 ledgers when they are opened for writing).
+_IDEMPOTENCY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key            TEXT PRIMARY KEY,                 -- the client's Idempotency-Key
+    request_sha256 TEXT NOT NULL,                    -- of the request it came with
+    edit_id        TEXT NOT NULL,
+    created_at     TEXT NOT NULL,
+    status         INTEGER,                          -- the first response, once it was sent
+    response       TEXT                              -- JSON
+)
+"""
+_EVENT_COLUMNS = ("actor", "client")
 
 
 class LedgerError(ValueError):
@@ -92,6 +106,19 @@ class UnknownEditError(LedgerError):
 
 class EditStateError(LedgerError):
     """The edit is not in a state that allows this (e.g. reverting an edit that is not applied)."""
+
+
+class IdempotencyKeyError(LedgerError):
+    """An idempotency key that another edit recorded already."""
+
+
+@dataclass(frozen=True)
+class Audit:
+    """Who asked for a change and from where, recorded with its events. Never a secret: ``actor`` is e.g.
+    ``token:<fingerprint>`` (``server.token_fingerprint``) or ``cli:<user>``; ``client`` an address."""
+
+    actor: str | None = None
+    client: str | None = None
 
 
 def _now() -> str:
@@ -340,6 +367,7 @@ class Ledger:
                 f"{self.path} has ledger schema {version}; this modeledit reads up to {SCHEMA_VERSION}"
             )
         if not read_only:
+            self._migrate()
             self.patch_dir.mkdir(exist_ok=True)
             self.recover()
 
@@ -394,9 +422,22 @@ class Ledger:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            db.execute(_IDEMPOTENCY_SCHEMA)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             db.execute("INSERT OR IGNORE INTO meta VALUES ('changes', '0')")
             db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", MARKER)
+
+    def _migrate(self) -> None:
+        """Bring an older ledger to this schema (opened for writing; every step is idempotent)."""
+        if int(self._meta("schema_version") or 0) >= SCHEMA_VERSION:
+            return
+        with self._tx() as db:
+            have = {r["name"] for r in db.execute("PRAGMA table_info(events)")}
+            for column in _EVENT_COLUMNS:
+                if column not in have:
+                    db.execute(f"ALTER TABLE events ADD COLUMN {column} TEXT")
+            db.execute(_IDEMPOTENCY_SCHEMA)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     # -- low level -----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -422,11 +463,19 @@ class Ledger:
         rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
         return rows[0]["value"] if rows else None
 
-    def _log(self, db: sqlite3.Connection, edit_id: str, action: str, detail: str | None = None) -> None:
+    def _log(
+        self,
+        db: sqlite3.Connection,
+        edit_id: str,
+        action: str,
+        detail: str | None = None,
+        audit: Audit | None = None,
+    ) -> None:
         """Inside a write transaction: an event row, and the change counter other processes watch."""
+        audit = audit or Audit()
         db.execute(
-            "INSERT INTO events (time, edit_id, action, detail) VALUES (?, ?, ?, ?)",
-            (_now(), edit_id, action, detail),
+            "INSERT INTO events (time, edit_id, action, detail, actor, client) VALUES (?, ?, ?, ?, ?, ?)",
+            (_now(), edit_id, action, detail, audit.actor, audit.client),
         )
         db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'changes'")
 
@@ -628,12 +677,18 @@ class Ledger:
         hparams: dict[str, Any] | None = None,
         answer_tokens: int = 8,
         verify: bool = True,
+        audit: Audit | None = None,
+        idempotency: tuple[str, str] | None = None,
     ) -> Entry:
         """Compute an edit on ``model`` (which should be in sync with the ledger), record it, apply it.
 
         ``verify``: the edit is checked in generation first (``Editor.edit(verify=True)``); its verdict is
         in the entry's ``metrics["verify"]`` (``holds``, per prompt). An edit that does not hold is still
         recorded and applied: the caller sees the verdict and may revert it.
+
+        ``audit``: who asked and from where, kept with the edit's events. ``idempotency``: (key, SHA-256 of
+        the request) recorded with the intent, in its transaction; a key recorded before raises
+        ``IdempotencyKeyError`` and nothing is recorded (see ``idempotency_key``).
 
         The returned entry has the metrics before and after and the patch. Errors in the method, its
         hyperparameters or the requests are raised before anything is recorded; an edit that fails or
@@ -650,21 +705,33 @@ class Ledger:
         for r in requests:
             r.validate(needs_subject=editor.needs_subject, tokenizer=tokenizer, max_length=max_len)
         entry_id = uuid.uuid4().hex[:12]
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO edits (id, state, created_at, fingerprint, method, hparams, requests, "
-                "owner_pid) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?)",
-                (
-                    entry_id,
-                    _now(),
-                    fingerprint(model),
-                    method,
-                    json.dumps(dataclasses.asdict(editor.config), default=str),
-                    json.dumps([r.to_dict() for r in requests], default=str),
-                    os.getpid(),
-                ),
-            )
-            self._log(db, entry_id, "begin")
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO edits (id, state, created_at, fingerprint, method, hparams, requests, "
+                    "owner_pid) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?)",
+                    (
+                        entry_id,
+                        _now(),
+                        fingerprint(model),
+                        method,
+                        json.dumps(dataclasses.asdict(editor.config), default=str),
+                        json.dumps([r.to_dict() for r in requests], default=str),
+                        os.getpid(),
+                    ),
+                )
+                if idempotency is not None:
+                    db.execute(
+                        "INSERT INTO idempotency_keys (key, request_sha256, edit_id, created_at) "
+                        "VALUES (?, ?, ?, ?)",
+                        (*idempotency, entry_id, _now()),
+                    )
+                self._log(db, entry_id, "begin", audit=audit)
+        except sqlite3.IntegrityError:
+            if idempotency is None:
+                raise
+            # the key's row exists: another request recorded it first (the transaction recorded nothing)
+            raise IdempotencyKeyError(f"idempotency key {idempotency[0]!r} is in use already") from None
         patch = None
         try:
             before = measure(model, tokenizer, requests, answer_tokens)
@@ -700,7 +767,7 @@ class Ledger:
                 )
                 if cur.rowcount != 1:
                     raise LedgerError(f"edit {entry_id} was aborted by another process while it was computed")
-                self._log(db, entry_id, "applied")
+                self._log(db, entry_id, "applied", audit=audit)
         except BaseException as e:
             if patch is not None and any(p is patch for p in applied_patches(model)):
                 patch.revert(model)
@@ -711,7 +778,7 @@ class Ledger:
                     "WHERE id = ? AND state = 'pending'",
                     (message[:2000], entry_id),
                 )
-                self._log(db, entry_id, "aborted", message[:2000])
+                self._log(db, entry_id, "aborted", message[:2000], audit=audit)
             for suffix in ("", ".partial"):
                 self._file(f"{entry_id}.safetensors{suffix}").unlink(missing_ok=True)
             raise
@@ -720,8 +787,9 @@ class Ledger:
         entry.patch = patch
         return entry
 
-    def revert(self, edit_id: str, model: nn.Module | None = None) -> Entry:
-        """Mark an applied edit reverted (one transaction); re-derive ``model``'s weights if given."""
+    def revert(self, edit_id: str, model: nn.Module | None = None, audit: Audit | None = None) -> Entry:
+        """Mark an applied edit reverted (one transaction); re-derive ``model``'s weights if given.
+        ``audit``: who asked and from where, kept with the event."""
         entry = self.get(edit_id)
         if entry.state != "applied":
             raise EditStateError(f"edit {entry.id} is {entry.state}, not applied: nothing to revert")
@@ -732,10 +800,34 @@ class Ledger:
             )
             if cur.rowcount != 1:
                 raise EditStateError(f"edit {entry.id} was reverted by someone else meanwhile")
-            self._log(db, entry.id, "reverted")
+            self._log(db, entry.id, "reverted", audit=audit)
         if model is not None:
             self.sync(model)
         return self.get(entry.id)
+
+    # -- idempotency keys (the service's Idempotency-Key header) ---------------------------------------------
+    def idempotency_key(self, key: str) -> dict | None:
+        """The record of an idempotency key: request_sha256, edit_id, created_at, and the first response
+        (status, response: None until it was sent); None for a key not seen."""
+        rows = self._query("SELECT * FROM idempotency_keys WHERE key = ?", (key,))
+        if not rows:
+            return None
+        record = dict(rows[0])
+        record["response"] = None if record["response"] is None else json.loads(record["response"])
+        return record
+
+    def remember_response(self, key: str, status: int, response: dict) -> None:
+        """Keep the first response to a keyed request, for its retries (only once)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE idempotency_keys SET status = ?, response = ? WHERE key = ? AND status IS NULL",
+                (status, json.dumps(response, default=str), key),
+            )
+
+    def forget_key(self, key: str) -> None:
+        """Free a key whose edit ended without a response (its process died): nothing was applied."""
+        with self._tx() as db:
+            db.execute("DELETE FROM idempotency_keys WHERE key = ? AND status IS NULL", (key,))
 
     # -- export / import -----------------------------------------------------------------------------------
     def export(self, folder: str | Path) -> Path:

@@ -7,14 +7,51 @@ See ``app.py`` for the endpoints and the concurrency design.
 
 from __future__ import annotations
 
+import copy
+import logging
 import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from .app import TOKEN_ENV, Limits, check_bind, create_app, is_loopback
+from .app import MIN_TOKEN_CHARS, TOKEN_ENV, Limits, check_bind, create_app, is_loopback, token_fingerprint
 
-__all__ = ["TOKEN_ENV", "Limits", "ServerThread", "check_bind", "create_app", "is_loopback", "serve"]
+__all__ = [
+    "MIN_TOKEN_CHARS",
+    "TOKEN_ENV",
+    "Limits",
+    "PathOnly",
+    "ServerThread",
+    "check_bind",
+    "create_app",
+    "is_loopback",
+    "log_config",
+    "serve",
+    "token_fingerprint",
+]
+
+
+class PathOnly(logging.Filter):
+    """Drop the query string from uvicorn's access log lines: a secret sent as ``?token=`` is not logged.
+
+    uvicorn logs ``'%s - "%s %s HTTP/%s" %d'`` with (client, method, path?query, version, status)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
+        return True
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging configuration, with ``PathOnly`` on its access logger."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["path_only"] = {"()": PathOnly}
+    config["loggers"]["uvicorn.access"]["filters"] = ["path_only"]
+    return config
 
 
 def serve(
@@ -39,7 +76,7 @@ def serve(
     allowed = ["localhost", "127.0.0.1", host] if is_loopback(host) and ":" not in host else None
     app = create_app(model, tokenizer, ledger, token=token, limits=limits, allowed_hosts=allowed)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, log_config=log_config())
     finally:
         ledger.close()
 
@@ -51,14 +88,16 @@ class ServerThread:
         httpx.get(server.url + "/healthz")
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, **config: Any):
+        """``config``: more ``uvicorn.Config`` settings (e.g. ``log_level``, ``log_config``)."""
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = self.sock.getsockname()[:2]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        settings = {"log_level": "warning", "lifespan": "off"} | config
+        self.server = uvicorn.Server(uvicorn.Config(app, **settings))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property

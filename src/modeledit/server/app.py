@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import hmac
 import ipaddress
+import json
+import re
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -33,7 +37,7 @@ from torch import nn
 from ..arch import ArchitectureError
 from ..editor import DEFAULT_METHOD, EDITORS, available_methods, resolve_method
 from ..forms import FormError, has_chat_template, render_chat
-from ..ledger import EditStateError, Entry, Ledger, LedgerError, UnknownEditError
+from ..ledger import Audit, EditStateError, Entry, IdempotencyKeyError, Ledger, LedgerError, UnknownEditError
 from ..lm import is_seq2seq, target_batch, token_logprobs
 from ..models import fingerprint
 from ..patch import PatchError, applied_patches, revert_all
@@ -46,6 +50,10 @@ MAX_TARGET_CHARS = 200
 MAX_CONTINUATIONS = 16
 MAX_PARAPHRASES = 8
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+MIN_TOKEN_CHARS = 32  # for a bind beyond loopback
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # visible ASCII
+# An absolute path in an error message (POSIX, ~/ or a Windows drive), not the '/' inside a word.
+PATH_IN_TEXT = re.compile(r"(?<![\w/.<>-])(?:~?/|[A-Za-z]:[\\/])[^\s'\"(),;]+")
 
 
 @dataclass
@@ -71,12 +79,30 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(host: str, token: str | None) -> None:
-    """Refuse to listen beyond this machine without a token."""
-    if not token and not is_loopback(host):
+    """Refuse to listen beyond this machine without a token of at least ``MIN_TOKEN_CHARS`` characters."""
+    if is_loopback(host):
+        return
+    if not token:
         raise ValueError(
             f"refusing to serve on {host} without an API token: set {TOKEN_ENV} (a long random string), "
             "or bind to 127.0.0.1"
         )
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(
+            f"refusing to serve on {host} with a {len(token)}-character API token: beyond loopback "
+            f"{TOKEN_ENV} needs at least {MIN_TOKEN_CHARS} characters "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+
+
+def token_fingerprint(token: str) -> str:
+    """How the ledger names a token's holder: a hash prefix, never the token."""
+    return "token:" + hashlib.sha256(b"modeledit-token:" + token.encode()).hexdigest()[:16]
+
+
+def request_digest(body: BaseModel) -> str:
+    """SHA-256 of a request body as parsed (defaults filled in, keys sorted): what a retry must repeat."""
+    return hashlib.sha256(json.dumps(body.model_dump(), sort_keys=True, default=str).encode()).hexdigest()
 
 
 # -- locks ---------------------------------------------------------------------------------------------------
@@ -136,7 +162,7 @@ class Service:
         self.shadow = copy.deepcopy(model)
         self.shadow_tokenizer = copy.deepcopy(tokenizer)  # fast tokenizers are not safe across threads
         self.rw = RWLock()
-        self.edit_lock = threading.Lock()
+        self.edit_lock = threading.RLock()  # re-entered by ``once`` around ``edit``
         self.tok_lock = threading.Lock()
         self.synced_version = -1
         self.seq2seq = is_seq2seq(model)
@@ -207,7 +233,15 @@ class Service:
             for c, s, k in zip(continuations, sums, counts)
         ]
 
-    def edit(self, request: EditRequest, method: str, hparams: dict[str, Any], verify: bool = True) -> Entry:
+    def edit(
+        self,
+        request: EditRequest,
+        method: str,
+        hparams: dict[str, Any],
+        verify: bool = True,
+        audit: Audit | None = None,
+        idempotency: tuple[str, str] | None = None,
+    ) -> Entry:
         with self.edit_lock:
             self._sync()
             entry = self.ledger.edit(
@@ -218,15 +252,45 @@ class Service:
                 hparams=hparams,
                 answer_tokens=self.limits.answer_tokens,
                 verify=verify,
+                audit=audit,
+                idempotency=idempotency,
             )
             self._sync()
             return entry
 
-    def revert(self, edit_id: str) -> Entry:
+    def revert(self, edit_id: str, audit: Audit | None = None) -> Entry:
         with self.edit_lock:
-            entry = self.ledger.revert(edit_id)
+            entry = self.ledger.revert(edit_id, audit=audit)
             self._sync()
             return entry
+
+    def once(self, key: str, digest: str, compute: Callable[[], tuple[int, dict]]) -> tuple[int, dict]:
+        """(status, body) of the first request with this Idempotency-Key; ``compute`` runs only for a new
+        key. The key is recorded in the ledger with the edit's intent (``Ledger.edit(idempotency=...)``), so
+        a retry after a lost response or a restart finds it and nothing is applied twice."""
+        with self.edit_lock:
+            record = self.ledger.idempotency_key(key)
+            if record is not None:
+                if record["request_sha256"] != digest:
+                    message = "Idempotency-Key was used with another request body: use a new key"
+                    return 422, _body(422, message)
+                if record["status"] is not None:
+                    return record["status"], record["response"]
+                entry = self.ledger.get(record["edit_id"])
+                if entry.state == "pending":  # another process is computing it
+                    message = "a request with this Idempotency-Key is being processed; retry later"
+                    return 409, _body(409, message)
+                if entry.state != "aborted":  # applied, and its process ended before it answered
+                    return 201, entry.to_dict()
+                # aborted with no answer: its process died, nothing was applied; the key may be used again
+                self.ledger.forget_key(key)
+            status, body = compute()
+            record = self.ledger.idempotency_key(key)
+            if record is not None and record["status"] is None and status in (201, 422):
+                own = status == 422 or body.get("id") == record["edit_id"]
+                if own and self.ledger.get(record["edit_id"]).state != "pending":
+                    self.ledger.remember_response(key, status, body)
+            return status, body
 
 
 # -- API schemas ---------------------------------------------------------------------------------------------
@@ -367,8 +431,17 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+def _body(status: int, message: str) -> dict:
+    return {"error": message, "status": status}
+
+
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+    return JSONResponse(_body(status, message), status_code=status, headers=headers)
+
+
+def _client(request: Request) -> str | None:
+    """The client's address as the socket saw it (a forwarding header would be the client's word)."""
+    return request.client.host if request.client else None
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -421,6 +494,24 @@ def create_app(
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
+    def has_token(request: Request) -> bool:
+        """The request carries the valid token (every request does where none is set: loopback only)."""
+        if token is None:
+            return True
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+    def audit(request: Request) -> Audit:
+        return Audit(actor=token_fingerprint(token) if token else "anonymous", client=_client(request))
+
+    def public(request: Request, status: int, message: str) -> str:
+        """What an error may tell this client: without the token, nothing about the server's files."""
+        if has_token(request):
+            return message
+        if status >= 500:
+            return "internal error (the server's log has the details)"
+        return PATH_IN_TEXT.sub("<path>", message)
+
     def same_origin_json(request: Request) -> None:
         """Writes from a browser must come from this page: cross-site requests get no way in (CSRF).
 
@@ -429,7 +520,7 @@ def create_app(
         """
         origin = request.headers.get("origin")
         if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host", ""):
-            raise HTTPException(403, f"cross-origin write refused (Origin {origin})")
+            raise HTTPException(403, "cross-origin write refused (the Origin header names another site)")
         if request.method == "POST":
             content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if content_type != "application/json":
@@ -437,15 +528,16 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        message = public(request, exc.status_code, str(exc.detail))
+        return _error(exc.status_code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        return _error(422, _validation_message(exc))
+        return _error(422, public(request, 422, _validation_message(exc)))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+        return _error(500, public(request, 500, f"internal error: {type(exc).__name__}: {exc}"))
 
     # -- pages and health ---------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -514,8 +606,19 @@ def create_app(
         responses=ERRORS,
         dependencies=[Depends(same_origin_json), Depends(require_token)],
     )
-    def create_edit(body: EditIn):
+    def create_edit(
+        body: EditIn,
+        http: Request,
+        idempotency_key: str | None = Header(
+            None,
+            alias="Idempotency-Key",
+            description="a retry with the same key and body gets the first response; nothing is applied "
+            "twice (the key is kept in the ledger)",
+        ),
+    ):
         """Compute an edit, record it in the ledger, apply it; the entry has P(target) before and after."""
+        if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise HTTPException(422, "Idempotency-Key: 1 to 255 visible ASCII characters")
         method = resolve_method(body.method)
         if method not in available_methods():
             raise HTTPException(
@@ -533,12 +636,25 @@ def create_app(
             chat=body.chat,
             system=body.system or None,
         )
-        try:
-            entry = service.edit(request, method, dict(body.hparams), verify=body.verify)
-        except (EditRequestError, ArchitectureError, PatchError, LedgerError, ValueError, TypeError) as e:
-            # bad request fields, unknown or ill-typed hyperparameters, a method not available for this model
-            raise HTTPException(422, str(e) or type(e).__name__) from None
-        return entry.to_dict()
+        digest = request_digest(body)
+        keyed = (idempotency_key, digest) if idempotency_key is not None else None
+
+        def compute() -> tuple[int, dict]:
+            try:
+                entry = service.edit(
+                    request, method, dict(body.hparams), body.verify, audit(http), idempotency=keyed
+                )
+            except IdempotencyKeyError as e:  # the same key, sent at once through another process
+                return 409, _body(409, str(e))
+            except (EditRequestError, ArchitectureError, PatchError, LedgerError, ValueError, TypeError) as e:
+                # bad request fields, unknown or ill-typed hyperparameters, a method not available here
+                return 422, _body(422, str(e) or type(e).__name__)
+            return 201, entry.to_dict()
+
+        status, out = compute() if idempotency_key is None else service.once(idempotency_key, digest, compute)
+        if status != 201:
+            raise HTTPException(status, out["error"])
+        return out
 
     @app.get("/v1/edits", response_model=list[EntryOut])
     def list_edits(state: str | None = Query(None, description="pending | applied | reverted | aborted")):
@@ -560,10 +676,10 @@ def create_app(
         responses=ERRORS,
         dependencies=[Depends(same_origin_json), Depends(require_token)],
     )
-    def revert_edit(edit_id: str):
+    def revert_edit(edit_id: str, http: Request):
         """Revert an applied edit: weights become base + the remaining applied edits, bit for bit."""
         try:
-            return service.revert(edit_id).to_dict()
+            return service.revert(edit_id, audit(http)).to_dict()
         except UnknownEditError as e:
             raise HTTPException(404, str(e)) from None
         except EditStateError as e:
