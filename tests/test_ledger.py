@@ -188,6 +188,78 @@ def test_a_diverged_edit_ends_aborted_and_changes_nothing(model_dir, tmp_path, b
     assert Ledger(tmp_path / "edits.db").entries("applied") == []  # nothing comes back on a restart
 
 
+def _pending_row(db: Path, edit_id: str, pid: int) -> None:
+    """A pending row as a process killed mid-edit leaves it (the PID it recorded)."""
+    con = sqlite3.connect(db)
+    con.execute(
+        "INSERT INTO edits (id, state, created_at, fingerprint, method, hparams, requests, owner_pid) "
+        "VALUES (?, 'pending', '2025-01-01T00:00:00', 'fp', 'ft', '{}', '[]', ?)",
+        (edit_id, pid),
+    )
+    con.commit()
+    con.close()
+
+
+def test_pending_rows_are_recovered_by_their_lock_not_their_pid(tmp_path):
+    """The PID a killed process recorded may belong to a live process now (PID reuse; PID 1 again in a
+    container), here this very process: the row is recovered, since nobody holds its lock. A row whose lock
+    is held (by another open file of this process, too) stays pending, and keeps its files."""
+    import fcntl
+
+    db = tmp_path / "edits.db"
+    Ledger(db).close()
+    stale, first, live = "0123456789ab", "ba9876543210", "aaaaaaaaaaaa"
+    _pending_row(db, stale, os.getpid())
+    _pending_row(db, first, 1)
+    _pending_row(db, live, os.getpid())
+    patches, locks = tmp_path / "edits.db.patches", tmp_path / "edits.db.locks"
+    for edit_id in (stale, live):
+        (patches / f"{edit_id}.safetensors.partial").write_bytes(b"half")
+    locks.mkdir()
+    (locks / f"{stale}.lock").touch()  # left behind, locked by nobody
+    fd = os.open(locks / f"{live}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with Ledger(db) as ledger:  # recovery runs here
+            assert {e.id: e.state for e in ledger.entries()} == {
+                stale: "aborted",
+                first: "aborted",
+                live: "pending",
+            }
+            assert ledger.get(stale).error == (
+                f"interrupted: its process (pid {os.getpid()}) ended before the edit was committed"
+            )
+        assert sorted(p.name for p in patches.iterdir()) == [f"{live}.safetensors.partial"]
+        assert sorted(p.name for p in locks.iterdir()) == [f"{live}.lock"]
+    finally:
+        os.close(fd)  # as when its process ends: the kernel drops the lock
+    with Ledger(db) as ledger:
+        assert ledger.get(live).state == "aborted" and not any(patches.iterdir()) and not any(locks.iterdir())
+
+
+def test_an_edit_holds_its_lock_while_it_is_computed(model_dir, tmp_path, monkeypatch):
+    from modeledit.ledger import _lock_held
+    from modeledit.methods.ft import FineTune
+
+    model, tok = fresh(model_dir)
+    db = tmp_path / "edits.db"
+    ledger = Ledger(db)
+    seen = {}
+    compute = FineTune.compute_deltas
+
+    def spy(self, requests):
+        (pending,) = ledger.entries("pending")
+        seen["held"] = _lock_held(ledger.lock_dir / f"{pending.id}.lock")
+        with Ledger(db) as other:  # another ledger opened meanwhile, in this same process: recovery
+            seen["state"] = other.get(pending.id).state
+        return compute(self, requests)
+
+    monkeypatch.setattr(FineTune, "compute_deltas", spy)
+    entry = ledger.edit(model, tok, request(0), method="ft", hparams=HPARAMS)
+    assert seen == {"held": True, "state": "pending"} and entry.state == "applied"
+    assert not any(ledger.lock_dir.iterdir())  # released and removed
+
+
 def test_wrong_model_and_corrupt_patch_are_refused(model_dir, tmp_path):
     model, tok = fresh(model_dir)
     ledger = Ledger(tmp_path / "edits.db")

@@ -12,11 +12,13 @@ fresh process replaying the same database onto the same base model reaches the s
 
 Crash safety (a process killed at any instant, SIGKILL included):
 
-- an edit first records its intent (state ``pending``, with the owner's pid) in one transaction, then
-  computes the patch, writes the patch file (atomic rename, fsync), and flips the row to ``applied`` in a
-  second transaction; a pending row whose owner process is gone is marked ``aborted`` the next time the
-  database is opened, and its partial files are removed: an edit is either applied with a complete,
-  hash-checked patch, or not applied at all;
+- an edit first takes an advisory lock (``flock``) on ``<db>.locks/<id>.lock``, which the kernel releases
+  when its process ends, however it ends; then it records its intent (state ``pending``) in one
+  transaction, computes the patch, writes the patch file (atomic rename, fsync), and flips the row to
+  ``applied`` in a second transaction; a pending row whose lock nobody holds is marked ``aborted`` the next
+  time the database is opened, and its partial files are removed: an edit is either applied with a
+  complete, hash-checked patch, or not applied at all. (Not PIDs: in a container the next run is PID 1
+  again, and a reused PID looks alive forever.);
 - a revert is one transaction (state ``reverted``); the weights follow from the database;
 - applying the database to a model (``sync``) is idempotent: on restart it simply replays.
 """
@@ -39,6 +41,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): pending edits are then told alive by their PID
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 from torch import nn
@@ -139,6 +146,21 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether some open file (of any process, this one included) holds the advisory lock on ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the lock if this call took it
+    return False
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -334,6 +356,7 @@ class Ledger:
         ``read_only`` opens an existing ledger for reading only (``mode=ro``: no recovery, no writes)."""
         self.path = Path(path)
         self.patch_dir = self.path.with_name(self.path.name + ".patches")
+        self.lock_dir = self.path.with_name(self.path.name + ".locks")  # one lock file per pending edit
         self.read_only = read_only
         if self.path.is_dir():
             raise LedgerError(f"{self.path} is a directory; give the ledger's database file")
@@ -580,6 +603,36 @@ class Ledger:
                 problems.append(f"{path} belongs to no edit")
         return problems
 
+    def _live(self, edit_id: str, pid: int | None) -> bool:
+        """Whether the process computing this pending edit is still running: it holds the edit's lock."""
+        if fcntl is None:
+            return _pid_alive(pid)
+        return _lock_held(self.lock_dir / f"{edit_id}.lock")
+
+    def _hold(self, edit_id: str) -> int | None:
+        """Lock the edit's lock file for as long as this process computes it; the file descriptor."""
+        if fcntl is None:
+            return None
+        self.lock_dir.mkdir(exist_ok=True)
+        path = self.lock_dir / f"{edit_id}.lock"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # blocking: a recovery may be probing it for a moment
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                        return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # a recovery removed the file before it was locked: lock a new one
+
+    def _release(self, edit_id: str, fd: int | None) -> None:
+        """Unlock, once the edit's row left ``pending`` (a recovery taking the lock then changes nothing)."""
+        if fd is not None:
+            (self.lock_dir / f"{edit_id}.lock").unlink(missing_ok=True)
+            os.close(fd)
+
     def _owner(self, edit_id: str) -> int | None:
         rows = self._query("SELECT owner_pid FROM edits WHERE id = ?", (edit_id,))
         return rows[0]["owner_pid"] if rows else None
@@ -588,17 +641,19 @@ class Ledger:
     def recover(self) -> list[str]:
         """Abort pending edits whose process is gone and remove their files; ids of the aborted edits.
 
-        Runs when the ledger is opened. Pending edits of live processes (another server) are left alone.
+        Runs when the ledger is opened. A pending edit is being computed while its lock file is locked
+        (``_live``); those of live processes (another server, this one) are left alone.
         """
         aborted = []
         for row in self._query("SELECT id, owner_pid FROM edits WHERE state = 'pending'"):
-            if _pid_alive(row["owner_pid"]):  # another live process (or this one) is computing it
+            if self._live(row["id"], row["owner_pid"]):
                 continue
             with self._tx() as db:
                 cur = db.execute(
                     "UPDATE edits SET state = 'aborted', error = ? WHERE id = ? AND state = 'pending'",
                     (
-                        f"interrupted: process {row['owner_pid']} ended before the edit was committed",
+                        f"interrupted: its process (pid {row['owner_pid']}) ended before the edit was "
+                        "committed",
                         row["id"],
                     ),
                 )
@@ -609,8 +664,11 @@ class Ledger:
         live = {
             r["id"]
             for r in self._query("SELECT id, owner_pid FROM edits WHERE state = 'pending'")
-            if _pid_alive(r["owner_pid"])
+            if self._live(r["id"], r["owner_pid"])
         }
+        for path in self.lock_dir.glob("*.lock") if self.lock_dir.is_dir() else ():
+            if path.stem not in live and not _lock_held(path):
+                path.unlink(missing_ok=True)
         keep = {
             r["patch_file"] for r in self._query("SELECT patch_file FROM edits WHERE patch_file IS NOT NULL")
         }
@@ -705,6 +763,24 @@ class Ledger:
         for r in requests:
             r.validate(needs_subject=editor.needs_subject, tokenizer=tokenizer, max_length=max_len)
         entry_id = uuid.uuid4().hex[:12]
+        lock = self._hold(entry_id)  # before the row exists: a pending row without a held lock is stale
+        try:
+            self._begin(entry_id, model, method, editor, requests, audit, idempotency)
+            return self._compute(entry_id, model, tokenizer, editor, requests, answer_tokens, verify, audit)
+        finally:
+            self._release(entry_id, lock)
+
+    def _begin(
+        self,
+        entry_id: str,
+        model: nn.Module,
+        method: str,
+        editor: Any,
+        requests: list[EditRequest],
+        audit: Audit | None,
+        idempotency: tuple[str, str] | None,
+    ) -> None:
+        """Record the intent: a pending row (and the idempotency key) in one transaction."""
         try:
             with self._tx() as db:
                 db.execute(
@@ -732,6 +808,19 @@ class Ledger:
                 raise
             # the key's row exists: another request recorded it first (the transaction recorded nothing)
             raise IdempotencyKeyError(f"idempotency key {idempotency[0]!r} is in use already") from None
+
+    def _compute(
+        self,
+        entry_id: str,
+        model: nn.Module,
+        tokenizer: Any,
+        editor: Any,
+        requests: list[EditRequest],
+        answer_tokens: int,
+        verify: bool,
+        audit: Audit | None,
+    ) -> Entry:
+        """Compute, apply and commit a recorded edit; on any failure it ends aborted."""
         patch = None
         try:
             before = measure(model, tokenizer, requests, answer_tokens)
