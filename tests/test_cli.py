@@ -137,6 +137,23 @@ EDIT_FT = ["edit", "--model", "MODEL", "--method", "ft", "--prompt", "The capita
 EDIT_FT += ["--subject", "Zorbia", "--target", "Quux"]
 
 
+def test_a_failed_edit_save_leaves_no_partial_file(model_dir, tmp_path, monkeypatch):
+    import errno
+
+    from modeledit import patch as patch_module
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a patch")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(patch_module, "save_file", disk_full)
+    args = [str(model_dir) if a == "MODEL" else a for a in EDIT_FT]
+    result = runner.invoke(app, [*args, "--set", "steps=2", "--save", str(tmp_path / "p.safetensors")])
+    assert result.exit_code == 2 and "No space left on device" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []  # no p.safetensors.partial
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -218,3 +235,26 @@ def test_editor_setting_in_a_fresh_process(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert f"classifier_path={tmp_path}" in out
+
+
+def test_train_with_question_forms_uses_each_edit_in_each_form(model_dir, tmp_path):
+    """`train --forms plain,question`: every CounterFact edit also as its question (a tiny MEND run)."""
+    records = [
+        {
+            "case_id": i,
+            "prompt": f"The mother tongue of {s} is",
+            "subject": s,
+            "target_new": "Xy",
+            "ground_truth": "Zw",
+            "rephrase_prompt": f"{s} is a native speaker of",
+            "locality_prompt": "The mother tongue of Ab is",
+            "locality_ground_truth": "Zw",
+        }
+        for i, s in enumerate(["Cd", "Ef", "Gh", "Ij", "Kl"])
+    ]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    args = ["train", "mend", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "ed")]
+    result = runner.invoke(app, [*args, "--val-size", "1", "--steps", "2", "--forms", "plain,question"])
+    assert result.exit_code == 0, result.output
+    assert "training mend on 8 edits" in result.output and "validating on 2" in result.output

@@ -306,6 +306,38 @@ def test_export_import_roundtrip(model_dir, tmp_path):
         foreign.import_(tmp_path / "export")
 
 
+def test_a_failed_export_leaves_nothing_and_can_be_retried(model_dir, tmp_path, monkeypatch):
+    import modeledit.ledger as ledger_module
+
+    model, tok = fresh(model_dir)
+    source = Ledger(tmp_path / "a.db")
+    ids = [source.edit(model, tok, request(i), method="ft", hparams=HPARAMS).id for i in range(2)]
+    out = tmp_path / "exports" / "out"
+    copies = []
+    copyfile = shutil.copyfile
+
+    def fail_on_the_second(src, dst):
+        copies.append(dst)
+        if len(copies) == 2:
+            raise OSError(28, "No space left on device")
+        return copyfile(src, dst)
+
+    monkeypatch.setattr(ledger_module.shutil, "copyfile", fail_on_the_second)
+    with pytest.raises(OSError, match="No space left"):
+        source.export(out)
+    assert list((tmp_path / "exports").iterdir()) == []  # no half-written folder, no temporary one
+    monkeypatch.undo()
+    result = runner.invoke(app, ["ledger", "export", "--db", str(tmp_path / "a.db"), "--out", str(out)])
+    assert result.exit_code == 0 and "exported 2 edits" in result.output, result.output
+    assert [e["id"] for e in json.loads((out / "ledger.json").read_text())["entries"]] == ids
+    assert list((tmp_path / "exports").iterdir()) == [out]
+    (tmp_path / "empty").mkdir()  # an empty folder may be the target; a file may not
+    source.export(tmp_path / "empty")
+    (tmp_path / "file").touch()
+    with pytest.raises(LedgerError, match="exists and is not a folder"):
+        source.export(tmp_path / "file")
+
+
 # -- import treats the manifest as untrusted -----------------------------------------------------------------
 
 

@@ -504,3 +504,28 @@ def safe_open_metadata(path) -> dict:
 
     with safe_open(str(path), framework="pt") as f:
         return f.metadata()
+
+
+# -- no leftovers of a failed save (issue 36) ----------------------------------------------------------------
+def test_a_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    from modeledit import patch as patch_module
+
+    patch = mixed_patch(tiny_model("llama"), "llama", seed=1)
+    occupied = tmp_path / "taken.safetensors"
+    occupied.mkdir()  # the rename onto it fails
+    with pytest.raises(OSError):
+        patch.save(occupied)
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a patch")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(patch_module, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        patch.save(tmp_path / "p.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.safetensors"]
+    monkeypatch.undo()
+    assert Patch.load(patch.save(tmp_path / "p.safetensors")).id == patch.id  # the retry works

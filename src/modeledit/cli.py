@@ -414,6 +414,11 @@ def train(
     ),
     seed: int = typer.Option(0, help="shuffling of the training edits"),
     set_: list[str] = typer.Option([], "--set", help="editor or trainer setting KEY=VALUE (repeatable)"),
+    forms: str = typer.Option(
+        "plain",
+        help="plain, question, chat (comma-separated): each edit also as a question and as a chat turn "
+        "(CounterFact templates; training/question_templates.json)",
+    ),
 ) -> None:
     """Train a learned editor (MEND) for a model; use it with --set editor_path=OUT."""
 
@@ -429,6 +434,7 @@ def train(
         from .training import EditBatches, TrainConfig, split_train_val, train_editor, validation_batches
         from .training.checkpoint import with_saved_hparams
         from .training.data import wiki_sentences
+        from .training.questions import training_forms
 
         learned = [m for m in available_methods() if hasattr(EDITORS[m], "for_training")]
         if method not in learned:
@@ -451,6 +457,10 @@ def train(
         else:
             train_requests, val_requests = load_requests(data), load_requests(val, limit=val_size)
         train_requests = train_requests[:limit]
+        form_list = tuple(f.strip() for f in forms.split(",") if f.strip())
+        if form_list != ("plain",):
+            train_requests = training_forms(train_requests, form_list)
+            val_requests = training_forms(val_requests, form_list)
         if wiki is not None:
             sentences = wiki_sentences(wiki)
             held_out = max(len(sentences) // 10, 1)

@@ -920,23 +920,35 @@ class Ledger:
 
     # -- export / import -----------------------------------------------------------------------------------
     def export(self, folder: str | Path) -> Path:
-        """Write ``folder/ledger.json`` and ``folder/patches/*.safetensors`` (applied and reverted edits)."""
+        """Write ``folder/ledger.json`` and ``folder/patches/*.safetensors`` (applied and reverted edits).
+
+        Written into a temporary folder beside it, renamed into place when complete: a failed export
+        leaves nothing behind, and the same command can be run again."""
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise LedgerError(f"{folder} exists and is not a folder; export into a new folder")
         if folder.exists() and any(folder.iterdir()):
             raise LedgerError(f"{folder} exists and is not empty; export into a new folder")
-        (folder / "patches").mkdir(parents=True, exist_ok=True)
-        entries = [e for e in self.entries() if e.state in ("applied", "reverted")]
-        for e in entries:
-            self.patch(e.id)  # checks the hash before copying
-            shutil.copyfile(self._file(e.patch_file), folder / "patches" / e.patch_file)
-        manifest = {
-            "format": EXPORT_FORMAT,
-            "version": SCHEMA_VERSION,
-            "exported_at": _now(),
-            "source": str(self.path),
-            "entries": [e.to_dict() for e in entries],
-        }
-        (folder / "ledger.json").write_text(json.dumps(manifest, indent=1))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
+        try:
+            (tmp / "patches").mkdir(parents=True)
+            entries = [e for e in self.entries() if e.state in ("applied", "reverted")]
+            for e in entries:
+                self.patch(e.id)  # checks the hash before copying
+                shutil.copyfile(self._file(e.patch_file), tmp / "patches" / e.patch_file)
+            manifest = {
+                "format": EXPORT_FORMAT,
+                "version": SCHEMA_VERSION,
+                "exported_at": _now(),
+                "source": str(self.path),
+                "entries": [e.to_dict() for e in entries],
+            }
+            (tmp / "ledger.json").write_text(json.dumps(manifest, indent=1))
+            tmp.replace(folder)  # POSIX: also over an empty folder
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return folder / "ledger.json"
 
     def import_(self, folder: str | Path) -> tuple[list[str], list[str]]:

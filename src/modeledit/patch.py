@@ -355,8 +355,12 @@ class Patch:
         tmp = path.with_name(path.name + ".partial")
         # The checksum of the tensors rides in the header: a bit flip in the data is caught on load.
         meta = self.metadata() | {"tensors_sha256": tensors_sha256(tensors)}
-        save_file(tensors, str(tmp), metadata={"modeledit": json.dumps(meta, default=str)})
-        tmp.replace(path)
+        try:
+            save_file(tensors, str(tmp), metadata={"modeledit": json.dumps(meta, default=str)})
+            tmp.replace(path)
+        except BaseException:  # a full disk, an unwritable or occupied path: no half-written file stays
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
