@@ -145,6 +145,23 @@ def _common_suffix(a: str, b: str) -> str:
     return a[len(a) - n :]
 
 
+def chat_exchange(tokenizer, user: str, answer: str) -> str:
+    """A finished chat exchange: ``user``'s turn and the assistant's ``answer`` (SERAC's context for a chat
+    edit: the edit as a demonstration in the form it will be asked)."""
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos) and _adds_bos(tokenizer):
+        text = text[len(bos) :]
+    return text
+
+
+def is_chat_rendered(tokenizer, text: str) -> bool:
+    """Does ``text`` hold a user turn of the tokenizer's chat template?"""
+    parts = chat_parts(tokenizer)
+    return parts is not None and bool(parts[0].strip()) and parts[0].strip() in text
+
+
 def without_template(tokenizer, text: str) -> str:
     """The user's own words in a chat-rendered ``text`` (the last user turn, and what the assistant has said
     so far), without the template or its system prompt: what a scope classifier should read. Text that is

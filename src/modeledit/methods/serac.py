@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..editor import register
-from ..forms import scope_text
+from ..forms import chat_exchange, is_chat_rendered, scope_text
 from ..patch import Memory, register_memory
 from ..requests import EditRequest, EditRequestError
 from ..training.data import MetaBatch
@@ -405,7 +405,10 @@ class SERAC(MemoryEditor):
             {
                 "prompt": text,
                 "target": r.target_new,
-                "context": c.context_template.format(prompt=text, target=r.target_new),
+                # a chat edit: the edit as a finished exchange (our choice; the template reads badly there)
+                "context": chat_exchange(self.tokenizer, text, r.target_new)
+                if is_chat_rendered(self.tokenizer, r.text)
+                else c.context_template.format(prompt=text, target=r.target_new),
             }
             for r, text in zip(requests, words)
         ]
