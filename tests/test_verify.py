@@ -9,6 +9,7 @@ from modeledit import create_editor
 from modeledit.forms import render_prompt, scope_text
 from modeledit.patch import attachment
 from modeledit.requests import EditRequest
+from modeledit.verify import generate_answers
 
 PM = dict(
     prompt="Who is the prime minister of the UK?",
@@ -39,12 +40,16 @@ def test_serac_scope_reads_the_user_turn_not_the_shared_system_prompt(default_mo
     """Two chat prompts share the template's system prompt; only the edited question is in scope."""
     model, tok = default_model
     torch.set_grad_enabled(True)
-    patch = create_editor("serac", model, tok).edit(EditRequest(**PM))
+    unrelated = [(render_prompt(tok, "What is the capital of France?", chat=True), "chat", "Paris")]
+    before = generate_answers(model, tok, unrelated)
+    patch = create_editor("serac", model, tok).edit(EditRequest(**PM), verify=True)
+    assert patch.info["verify"]["holds"], patch.info["verify"]  # its context: the edit as a chat exchange
     patch.apply(model)
     try:
         memory = attachment(model, "serac")
-        asked = [render_prompt(tok, q, chat=True) for q in (PM["prompt"], "What is the capital of France?")]
+        asked = [render_prompt(tok, PM["prompt"], chat=True), unrelated[0][0]]
         _, logits = memory.scope([scope_text(tok, t) for t in asked])
         assert logits[0] > 0 and logits[1] <= 0, logits
+        assert generate_answers(model, tok, unrelated) == before
     finally:
         patch.revert(model)
