@@ -23,7 +23,10 @@ SUITES: dict[str, dict] = {
     # full: the README's table
     "full": {"limit": 100, "fluency_tokens": 40},
 }
-COLUMNS = ("ES", "PS", "NS", "S", "EM", "PM", "NM", "fluency", "seconds_per_edit", "edit_cost_ratio")
+COLUMNS = (
+    "ES", "PS", "NS", "S", "ES_gen", "PS_gen", "NS_gen", "EM", "PM", "NM", "fluency", "seconds_per_edit",
+    "edit_cost_ratio",
+)  # fmt: skip
 QUALITY = ("ES", "PS", "NS")
 
 
