@@ -123,21 +123,21 @@ def _demo_case(model, tokenizer, method: str, request, shown: dict[str, str]) ->
 
     labels, prompts = list(shown), list(shown.values())
 
-    def table(title: str, verdicts: bool = False) -> list[str]:
+    def table(title: str, before: list[str] | None = None) -> list[str]:
         answers, p_target = _answers_table(model, tokenizer, request, prompts)
         out = Table(title=title, title_justify="left")
         for col in ("", "prompt", "greedy answer", f"P({request.target_new})"):
             out.add_column(col)
-        if verdicts:
+        if before is not None:
             out.add_column("holds")
-        for label, prompt, answer, p in zip(labels, prompts, answers, p_target):
+        for i, (label, prompt, answer, p) in enumerate(zip(labels, prompts, answers, p_target)):
             row = [label, prompt, answer.split("\n")[0][:90], f"{p:.3f}"]
-            if verdicts and label != "unrelated":
+            if before is not None and label in ("edit prompt", "paraphrase"):
                 form = prompt_form(prompt, request.chat)
                 ok = answer_holds(answer, request.target_new, form, request.target_true)
                 row.append("[green]yes[/]" if ok else "[red]no[/]")
-            elif verdicts:
-                row.append("")
+            elif before is not None:  # a neighbour or an unrelated prompt should keep its answer
+                row.append("[green]kept[/]" if answer == before[i] else "[red]changed[/]")
             out.add_row(*row)
         console.print(out)
         return answers
@@ -153,7 +153,7 @@ def _demo_case(model, tokenizer, method: str, request, shown: dict[str, str]) ->
     console.print(f"patch computed in {patch.info['seconds']:.1f} s: {patch}", highlight=False)
     console.print(f"[{style}]{verdict_line(patch.info['verify'])}[/]\n", highlight=False)
     patch.apply(model)
-    table("after the edit", verdicts=True)
+    table("after the edit", before=before)
     patch.revert(model)
     restored = table("after reverting the patch")
     console.print(f"original answers restored: {'yes' if restored == before else 'NO'}\n")
@@ -236,25 +236,36 @@ def edit(
     """Edit one fact; show the generated answers and P(target) before and after, and whether it holds."""
 
     def body():
-        from .editor import create_editor, resolve_method
-        from .forms import render_prompt
-        from .requests import EditRequest
+        from .editor import EDITORS, check_settings, create_editor
+        from .forms import CHAT_ANSWER_TOKENS, render_prompt
+        from .requests import EditRequest, EditRequestError, check_for_model
         from .verify import verdict_line
 
         request = EditRequest(
             prompt=prompt, subject=subject, target_new=target, target_true=target_true,
             paraphrase_prompts=list(paraphrase), chat=chat, system=system,
         )  # fmt: skip
+        # every argument error before the model loads
         request.validate()
+        if any(not p.strip() for p in unrelated):
+            raise EditRequestError("--unrelated: each prompt must be a non-empty string")
         if require_hold and not verify:
             raise ValueError("--require-hold needs --verify")
+        if save is not None and save.is_dir():
+            raise ValueError(f"--save {save}: is a folder; give the patch's file name")
+        overrides = _parse_overrides(set_ + _editor_setting(method, editor_dir))
+        name = check_settings(method, **overrides)
+        request.validate(needs_subject=EDITORS[name].needs_subject)
         model, tokenizer = _load(model_name)
         if chat:
             render_prompt(tokenizer, request.text, chat=True)  # no chat template: a clear error now
-        name = resolve_method(method)
-        editor = create_editor(
-            name, model, tokenizer, **_parse_overrides(set_ + _editor_setting(name, editor_dir))
-        )
+        shown = [
+            (f"--unrelated prompt {i + 1}", render_prompt(tokenizer, u, chat, system))
+            for i, u in enumerate(unrelated)
+        ]
+        # within the context, before any generation (a 9,000-word prompt: one tokenizer call, not minutes)
+        check_for_model([request], model, tokenizer, prompts=shown, new_tokens=CHAT_ANSWER_TOKENS)
+        editor = create_editor(name, model, tokenizer, **overrides)
         prompts = [request.text, *paraphrase, *unrelated]
         kinds = ["edit"] + ["paraphrase"] * len(paraphrase) + ["unrelated"] * len(unrelated)
         before, p_before = _answers_table(model, tokenizer, request, prompts)
@@ -328,10 +339,10 @@ def eval_(
     accuracy and drawdown."""
 
     def body():
-        from .editor import create_editor
+        from .editor import check_settings, create_editor
         from .evaluate import checkpoints_of, evaluate_forms, remove_checkpoint
         from .forms import FORMS
-        from .requests import EditRequestError, load_requests
+        from .requests import EditRequestError, check_for_model, load_requests
 
         form_list = tuple(f.strip() for f in forms.split(",") if f.strip())
         if not form_list or any(f not in FORMS for f in form_list):
@@ -340,11 +351,16 @@ def eval_(
             raise ValueError(f"unknown mode {mode!r}: use single, batch or sequential")
         if offset < 0 or (limit is not None and limit < 1):
             raise ValueError("--offset must be >= 0 and --limit >= 1")
+        if batch_size < 1 or fluency_tokens < 0 or retention_points < 0:
+            raise ValueError("--batch-size must be >= 1, --fluency-tokens and --retention-points >= 0")
         from .editor import available_methods, resolve_method
 
         if method != "none" and resolve_method(method) not in available_methods():
             names = ", ".join(available_methods())
             raise ValueError(f"unknown method {method!r}; available: none, default, {names}")
+        overrides = _parse_overrides(set_ + _editor_setting(method, editor_dir))
+        if method != "none":
+            check_settings(method, **overrides)  # unknown or out-of-range --set values, before loading
         if resume and out is None:
             raise ValueError("--resume needs --out (the partial results are kept beside it)")
         # runs with --out keep their progress beside it (sequential: also OUT.partial.jsonl.patches/), so
@@ -358,7 +374,18 @@ def eval_(
         for message in skipped or []:
             console.print(f"[yellow]skipped[/] {message}", highlight=False)
         model, tokenizer = _load(model_name)
-        overrides = _parse_overrides(set_ + _editor_setting(method, editor_dir))
+        fitting = []
+        for r in requests:  # within the model's context, before any edit or generation
+            try:
+                check_for_model([r], model, tokenizer)
+                fitting.append(r)
+            except EditRequestError as e:
+                if skipped is None:
+                    raise EditRequestError(f"{e} (--skip-invalid leaves such records out)") from None
+                console.print(f"[yellow]skipped[/] {e}", highlight=False)
+        if not fitting:
+            raise EditRequestError(f"{data}: no valid record to evaluate")
+        requests = fitting
         editor = None if method == "none" else create_editor(method, model, tokenizer, **overrides)
         result = evaluate_forms(
             model,
@@ -427,7 +454,8 @@ def train(
 
         import torch
 
-        from .editor import EDITORS, available_methods
+        from .editor import EDITORS, available_methods, check_settings
+        from .hparams import check_hparams
         from .lm import is_seq2seq
         from .locality import default_locality_texts
         from .requests import load_requests
@@ -450,6 +478,15 @@ def train(
         train_config = TrainConfig(**{k: v for k, v in overrides.items() if k in train_keys})
         if steps is not None:
             train_config.steps = steps
+        # every argument error before the model loads
+        check_hparams("train", train_config)
+        check_settings(method, **{k: v for k, v in overrides.items() if k in method_keys})
+        if (limit is not None and limit < 1) or val_size < 1 or edits_per_batch < 1 or texts_per_batch < 0:
+            raise ValueError("--limit, --val-size and --edits-per-batch must be >= 1, --texts-per-batch >= 0")
+        if threads is not None and threads < 1:
+            raise ValueError("--threads must be >= 1")
+        if init is not None and not (init / f"{method}.json").exists():
+            raise ValueError(f"--init {init}: no trained {method} editor ({method}.json missing)")
         if threads:
             torch.set_num_threads(threads)
         if val is None:
@@ -883,13 +920,17 @@ def serve(
     def body():
         import os
 
+        from .ledger import Ledger
         from .server import TOKEN_ENV, Limits, check_bind
         from .server import serve as run_server
 
         token = os.environ.get(TOKEN_ENV) or None
-        check_bind(host, token)  # before the model is loaded
+        check_bind(host, token)  # before the model is loaded, as every argument error
         if max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"--port {port}: use 0 to 65535")
+        Ledger(db).close()  # a folder, another application's database: refused now (created if missing)
         model, tokenizer = _load(model_name)
         if token is None:
             console.print(f"[yellow]note:[/] {TOKEN_ENV} is not set: write endpoints are open on {host}")
