@@ -53,3 +53,16 @@ def test_serac_scope_reads_the_user_turn_not_the_shared_system_prompt(default_mo
         assert generate_answers(model, tok, unrelated) == before
     finally:
         patch.revert(model)
+
+
+@pytest.mark.slow
+def test_demo_shows_the_cloze_and_the_chat_edit_and_restores_both(default_model):
+    from typer.testing import CliRunner
+
+    from modeledit.cli import app
+
+    result = CliRunner().invoke(app, ["demo"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "the lecture's question, in chat" in result.output
+    assert result.output.count("original answers restored: yes") == 2
+    assert result.output.count("the edit holds") == 2  # MEND's cloze edit and the default method's chat edit
