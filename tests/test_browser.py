@@ -107,6 +107,12 @@ def test_edit_and_revert_in_the_page(browser, server):
     new = text("answer")
     assert new != old and "Quux" in new
     assert text("answer-before") == old and text("answer-after") == new
+    # the check in generation: a red or green verdict, and the checked prompt with its answer
+    verdict = browser.find_element(By.ID, "edit-verdict")
+    assert verdict.is_displayed() and verdict.get_attribute("class") in ("holds", "fails")
+    assert ("does NOT hold" in verdict.text) == (verdict.get_attribute("class") == "fails")
+    checked = browser.find_elements(By.CSS_SELECTOR, "#edit-checks tbody tr td")
+    assert [c.text for c in checked[:2]] == ["edit", "The capital of France is"]
     rows = browser.find_elements(By.CSS_SELECTOR, "#history tbody tr")
     assert len(rows) == 1 and rows[0].find_element(By.CLASS_NAME, "state").text == "applied"
 
