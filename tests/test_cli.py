@@ -173,6 +173,9 @@ def test_a_failed_edit_save_leaves_no_partial_file(model_dir, tmp_path, monkeypa
         ([*EDIT_FT, "--set", "steps=-1"], "ft: steps must be an integer >= 1, got -1"),
         ([*EDIT_FT, "--set", "steps=2.5"], "ft: steps must be an integer >= 1, got 2.5"),
         ([*EDIT_FT, "--set", "norm_constraint=0"], "norm_constraint must be a finite number > 0 or null"),
+        ([*EDIT_FT[:6], "The {} capital of {} is {x}", *EDIT_FT[7:]], "braces may appear only once"),
+        (["eval", "--model", "MODEL", "--method", "ft", "--data", "DATA", "--limit", "0"], "--limit >= 1"),
+        (["eval", "--model", "MODEL", "--method", "ft", "--data", "DATA", "--offset", "-1"], "--offset must"),
     ],
 )
 def test_bad_input_is_one_clear_line(model_dir, data_file, args, message, monkeypatch):
@@ -258,3 +261,87 @@ def test_train_with_question_forms_uses_each_edit_in_each_form(model_dir, tmp_pa
     result = runner.invoke(app, [*args, "--val-size", "1", "--steps", "2", "--forms", "plain,question"])
     assert result.exit_code == 0, result.output
     assert "training mend on 8 edits" in result.output and "validating on 2" in result.output
+
+
+# -- argument errors before the model loads; prompts checked before any generation (issue 36) ---------------
+
+NO_MODEL = "no/such-model-xyz"  # loading it would fail: each error below must come first
+EDIT_NO_MODEL = [NO_MODEL if a == "MODEL" else a for a in EDIT_FT]
+EVAL_NO_MODEL = ["eval", "--model", NO_MODEL, "--method", "ft", "--data", "DATA"]
+TRAIN_NO_MODEL = ["train", "mend", "--model", NO_MODEL, "--data", "DATA", "--out", "TMP"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([*EDIT_NO_MODEL[:4], "nope", *EDIT_NO_MODEL[5:]], "unknown method 'nope'; available: default"),
+        ([*EDIT_NO_MODEL, "--set", "bogus=1"], "ft: unknown hyperparameter(s) ['bogus']"),
+        ([*EDIT_NO_MODEL, "--set", "steps=-1"], "ft: steps must be an integer >= 1, got -1"),
+        ([*EDIT_NO_MODEL[:6], "The {} capital of {} is {x}", *EDIT_NO_MODEL[7:]], "field 'prompt': braces"),
+        ([*EDIT_NO_MODEL, "--save", "TMP"], "is a folder; give the patch's file name"),
+        ([*EDIT_NO_MODEL, "--unrelated", "  "], "--unrelated: each prompt must be a non-empty string"),
+        ([*EDIT_NO_MODEL[:4], "rome", "--prompt", "Hello", "--target", "x"], "method needs the subject"),
+        ([*EVAL_NO_MODEL, "--set", "lr=0"], "ft: lr must be a finite number > 0, got 0"),
+        ([*EVAL_NO_MODEL, "--set", "bogus=1"], "ft: unknown hyperparameter(s) ['bogus']"),
+        ([*EVAL_NO_MODEL, "--batch-size", "0"], "--batch-size must be >= 1"),
+        ([*TRAIN_NO_MODEL, "--set", "steps=0"], "train: steps must be an integer >= 1, got 0"),
+        ([*TRAIN_NO_MODEL, "--set", "lr=-1"], "mend: lr must be a finite number > 0, got -1"),
+        ([*TRAIN_NO_MODEL, "--limit", "0"], "--limit, --val-size and --edits-per-batch must be >= 1"),
+        ([*TRAIN_NO_MODEL, "--init", "TMP"], "no trained mend editor (mend.json missing)"),
+        (["serve", "--model", NO_MODEL, "--db", "TMP", "--port", "70000"], "--port 70000: use 0 to 65535"),
+        (["serve", "--model", NO_MODEL, "--db", "TMP"], "is a directory; give the ledger's database file"),
+        (["serve", "--model", NO_MODEL, "--db", "FOREIGN"], "an SQLite database of another application"),
+        (["ledger", "list", "--db", "FOREIGN", "--state", "x"], "an SQLite database of another application"),
+    ],
+)
+def test_argument_errors_come_before_the_model_loads(data_file, tmp_path, monkeypatch, args, message):
+    import sqlite3
+
+    import modeledit.cli as cli
+
+    def no_loading(name):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "_load", no_loading)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    foreign = tmp_path / "other.db"
+    sqlite3.connect(foreign).execute("CREATE TABLE t (x)").connection.close()
+    names = {"DATA": str(data_file), "TMP": str(tmp_path), "FOREIGN": str(foreign)}
+    result = runner.invoke(app, [names.get(a, a) for a in args])
+    output = " ".join(result.output.split())  # rich wraps long lines
+    assert result.exit_code == 2 and message in output, (result.output, result.exception)
+    assert "Traceback" not in result.output
+
+
+def test_an_over_context_prompt_is_refused_before_any_generation(model_dir, data_file, tmp_path, monkeypatch):
+    """The tiny model reads 128 positions (one per character); a 9,000-word prompt used to be answered,
+    token by token, before the edit found it too long."""
+    import modeledit.verify as verify
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated")
+
+    monkeypatch.setattr(verify, "generate_answers", no_generation)
+    long = " ".join(["word"] * 9000)
+    args = [str(model_dir) if a == "MODEL" else a for a in EDIT_FT]
+    result = runner.invoke(app, [*args[:6], long + " {}", *args[7:]])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, output[-500:]
+    assert "field 'prompt': is 45011 tokens with its target, longer than the model context (128)" in output
+    result = runner.invoke(app, [*args, "--unrelated", long])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, output
+    assert "--unrelated prompt 1 is 44999 tokens and 32 to generate, longer than the model context" in output
+    # eval: the record is named; --skip-invalid leaves it out and evaluates the rest
+    records = [json.loads(line) for line in data_file.read_text().splitlines()]
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [records[0] | {"prompt": long + " {}"}, records[1]]))
+    eval_args = ["eval", "--model", str(model_dir), "--method", "none", "--data", str(path), "--no-gen"]
+    result = runner.invoke(app, eval_args)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "record 0, field 'prompt': is 45011 tokens" in output, output[-500:]
+    monkeypatch.undo()
+    result = runner.invoke(app, [*eval_args, "--skip-invalid", "--out", str(tmp_path / "out.json")])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 0 and "skipped record 0" in output, output
+    assert json.loads((tmp_path / "out.json").read_text())["summary"]["n"] == 1

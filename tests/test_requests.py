@@ -515,3 +515,63 @@ def test_rome_target_new_not_an_object(tmp_path):
     record["requested_rewrite"]["target_new"] = "English"
     message = error_of(load_requests, write_json(tmp_path, [record]))
     assert "record 7" in message and "target_new" in message
+
+
+# -- braces and the model's context, before any model work (issue 36) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "The {} capital of {} is {x}",  # was a KeyError/IndexError traceback from str.format
+        "The {} capital of {} is",
+        "The {x} is",
+        "The set {a, b} of {} has",  # a literal brace pair elsewhere
+        "The set {a, b} of France has",
+        "{{}} is",
+        "The {} is }",
+        "The { } is",
+    ],
+)
+def test_braces_only_as_one_subject_field(tmp_path, prompt):
+    r = EditRequest(prompt=prompt, subject="France", target_new="x")
+    message = error_of(r.validate)
+    assert message == (
+        f"request, field 'prompt': braces may appear only once, as {{}} for the subject, got {prompt!r}"
+    )
+    path = write_jsonl(tmp_path, [{"case_id": 7, "prompt": prompt, "subject": "France", "target_new": "x"}])
+    assert error_of(load_requests, path).startswith("record 7, field 'prompt': braces may appear only once")
+
+
+def test_one_template_field_or_none_is_fine():
+    for prompt in ("The capital of {} is", "{} is the capital", "The capital of France is"):
+        EditRequest(prompt=prompt, subject="France", target_new="x").validate()
+
+
+def test_neighbourhood_prompts_must_fit_the_context_too(tokenizer):
+    r = EditRequest(prompt="ab", target_new="x", neighborhood_prompts=["n" * 20], case_id=3)
+    r.validate(tokenizer=tokenizer, max_length=21)  # 20 characters, a space, no answer: 21 tokens
+    message = error_of(r.validate, tokenizer=tokenizer, max_length=10)
+    assert "record 3, field 'neighborhood_prompts'" in message and "(10)" in message
+
+
+def test_check_for_model_uses_the_models_context(tokenizer):
+    from types import SimpleNamespace
+
+    from modeledit.requests import check_for_model, model_context
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=16))
+    assert model_context(model) == 16 and model_context(SimpleNamespace(config=SimpleNamespace())) is None
+    check_for_model([EditRequest(prompt="short", target_new="x")], model, tokenizer)
+    long = EditRequest(prompt=" ".join(["word"] * 9000), target_new="x")
+    message = error_of(check_for_model, [long], model, tokenizer)
+    assert (
+        message
+        == "request, field 'prompt': is 45001 tokens with its target, longer than the model context (16)"
+    )
+    message = error_of(
+        check_for_model, [], model, tokenizer, prompts=[("--unrelated prompt 1", "y" * 10)], new_tokens=8
+    )
+    assert (
+        message == "--unrelated prompt 1 is 10 tokens and 8 to generate, longer than the model context (16)"
+    )

@@ -505,3 +505,89 @@ def test_errors_tell_clients_without_the_token_no_server_paths(model_dir, tmp_pa
         )
         r = c.post("/v1/generate", json=body, headers=AUTH)
         assert r.status_code == 500 and folder in r.json()["error"]
+
+
+def test_a_prompt_of_only_spaces_is_422_and_the_connection_stays_usable(model_dir, tmp_path, monkeypatch):
+    """It used to be a 500 on /v1/generate, after which uvicorn closed the connection: the client's next
+    keep-alive request was reset. Any unexpected error now answers 500 and keeps the connection."""
+    app, _ = make_app(model_dir, tmp_path / "edits.db")
+    with ServerThread(app) as server, httpx.Client(timeout=30) as c:
+        for path, body in (
+            ("/v1/generate", {"prompt": "   ", "max_new_tokens": 3}),
+            ("/v1/score", {"prompt": "   ", "continuations": ["a"]}),
+            ("/v1/edits", EDIT | {"prompt": "   "}),
+        ):
+            r = c.post(server.url + path, json=body, headers=AUTH)
+            assert r.status_code == 422, (path, r.text)
+            assert r.json()["error"] in (
+                "prompt: must be more than spaces",
+                "request, field 'prompt': must be a non-empty string, got '   '",
+            )
+            assert c.get(server.url + "/healthz").status_code == 200  # the same keep-alive connection
+        monkeypatch.setattr(app.state.service, "generate", lambda *a: 1 / 0)
+        r = c.post(server.url + "/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 2})
+        assert r.status_code == 500 and "ZeroDivisionError" not in r.text  # no token: a generic body
+        assert c.get(server.url + "/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            {"prompt": "The {} capital of {} is {x}"},
+            "request, field 'prompt': braces may appear only once, as {} for the subject, "
+            "got 'The {} capital of {} is {x}'",
+        ),
+        ({"prompt": "The set {a, b} of {} has"}, "field 'prompt': braces may appear only once"),
+        ({"prompt": "x " * 100 + "{}"}, "is 211 tokens with its target, longer than the model context (128)"),
+        ({"paraphrase_prompts": ["y" * 200]}, "field 'paraphrase_prompts': is 205 tokens with its target"),
+    ],
+)
+def test_bad_prompts_are_422_before_any_model_work(client, monkeypatch, change, message):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the edit was started")
+
+    monkeypatch.setattr(client.app.state.service, "edit", no_work)
+    r = client.post("/v1/edits", json=EDIT | change, headers=AUTH)
+    assert r.status_code == 422 and message in r.json()["error"], r.text
+
+
+def test_an_over_context_prompt_is_not_generated(client, monkeypatch):
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated")
+
+    monkeypatch.setattr(client.app.state.service.live, "generate", no_generation)
+    r = client.post("/v1/generate", json={"prompt": "x" * 120, "max_new_tokens": 16})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "prompt is 120 tokens and 16 to generate, longer than the model context (128)"
+
+
+def test_a_key_whose_edit_another_process_is_computing_is_409(model_dir, tmp_path):
+    import fcntl
+    import os
+    import sqlite3
+
+    db = tmp_path / "edits.db"
+    Ledger(db).close()
+    con = sqlite3.connect(db)  # what another server process sharing the ledger is in the middle of
+    con.execute(
+        "INSERT INTO edits (id, state, created_at, fingerprint, method, hparams, requests) "
+        "VALUES ('0123456789ab', 'pending', '2025-01-01T00:00:00', 'fp', 'ft', '{}', '[]')"
+    )
+    con.execute(
+        "INSERT INTO idempotency_keys (key, request_sha256, edit_id, created_at) VALUES (?, ?, ?, ?)",
+        ("busy", request_digest(EditIn(**EDIT)), "0123456789ab", "2025-01-01T00:00:00"),
+    )
+    con.commit()
+    con.close()
+    (tmp_path / "edits.db.locks").mkdir()
+    fd = os.open(tmp_path / "edits.db.locks" / "0123456789ab.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # its process is alive
+    try:
+        app, _ = make_app(model_dir, db)
+        with TestClient(app) as c:
+            r = c.post("/v1/edits", json=EDIT, headers=AUTH | {"Idempotency-Key": "busy"})
+            assert r.status_code == 409 and "being processed; retry later" in r.json()["error"], r.text
+            assert c.get("/healthz").json()["applied_edits"] == 0
+    finally:
+        os.close(fd)

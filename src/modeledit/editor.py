@@ -170,14 +170,9 @@ def available_methods() -> list[str]:
     return sorted(EDITORS)
 
 
-def create_editor(
-    method: str, model: nn.Module, tokenizer=None, *, task: Task | str | Any = None, **overrides: Any
-) -> Editor:
-    """An editor for ``method`` with its default hyperparameters, overridden by keyword arguments.
-
-    A language model needs its tokenizer; any other model a ``task`` ("classification", "sequence",
-    "regression", a loss function ``(outputs, targets) -> (n,)``, or a Task) and edits given as TensorEdit.
-    """
+def check_settings(method: str, **overrides: Any) -> str:
+    """The method's registered name, once it is known and ``overrides`` are its hyperparameters with
+    types and values in range: what ``create_editor`` checks, without a model (the CLI, before loading)."""
     names = available_methods()
     method = resolve_method(method)
     if method not in EDITORS:
@@ -188,7 +183,21 @@ def create_editor(
     unknown = set(overrides) - valid
     if unknown:
         raise ValueError(f"{method}: unknown hyperparameter(s) {sorted(unknown)}; valid: {sorted(valid)}")
-    check_hparams(method, cls.Config(**overrides))  # types and ranges, before any model work
+    check_hparams(method, cls.Config(**overrides))  # types and ranges
+    return method
+
+
+def create_editor(
+    method: str, model: nn.Module, tokenizer=None, *, task: Task | str | Any = None, **overrides: Any
+) -> Editor:
+    """An editor for ``method`` with its default hyperparameters, overridden by keyword arguments.
+
+    A language model needs its tokenizer; any other model a ``task`` ("classification", "sequence",
+    "regression", a loss function ``(outputs, targets) -> (n,)``, or a Task) and edits given as TensorEdit.
+    """
+    names = available_methods()
+    method = check_settings(method, **overrides)  # before any model work
+    cls = EDITORS[method]
     if task is None:
         return cls(model, tokenizer, cls.Config(**overrides))
     if not cls.any_model:

@@ -52,7 +52,7 @@ from torch import nn
 
 from .models import fingerprint
 from .patch import Patch, PatchError, applied_patches, revert_all
-from .requests import EditRequest, EditRequestError
+from .requests import EditRequest, EditRequestError, check_for_model
 
 SCHEMA_VERSION = 2  # 2: events carry who asked (actor, client); idempotency keys of the service
 EXPORT_FORMAT = "modeledit-ledger"
@@ -756,12 +756,10 @@ class Ledger:
 
         method = resolve_method(method)
         requests = _as_requests(requests)
+        check_for_model(requests, model, tokenizer)  # before the editor or any generation touches the model
         editor = create_editor(method, model, tokenizer, **(hparams or {}))
-        max_len = getattr(model.config, "max_position_embeddings", None) or getattr(
-            model.config, "n_positions", None
-        )
         for r in requests:
-            r.validate(needs_subject=editor.needs_subject, tokenizer=tokenizer, max_length=max_len)
+            r.validate(needs_subject=editor.needs_subject)
         entry_id = uuid.uuid4().hex[:12]
         lock = self._hold(entry_id)  # before the row exists: a pending row without a held lock is stale
         try:

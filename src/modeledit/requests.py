@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,13 @@ class EditRequest:
             raise EditRequestError(f"{self._where('chat')} must be true or false, got {self.chat!r}")
         if self.system is not None and (not isinstance(self.system, str) or not self.system.strip()):
             raise EditRequestError(f"{self._where('system')} must be a non-empty string when given")
+        # ``text`` fills the template with str.format: any other brace would be a field or a KeyError
+        rest = self.prompt.replace("{}", "", 1)
+        if "{" in rest or "}" in rest:
+            raise EditRequestError(
+                f"{self._where('prompt')} braces may appear only once, as {{}} for the subject, "
+                f"got {self.prompt!r}"
+            )
         if "{}" in self.prompt and not self.subject:
             raise EditRequestError(
                 f"{self._where('subject')} the prompt is a template with {{}} but no subject is given"
@@ -99,14 +107,52 @@ class EditRequest:
                     f"{self._where('subject')} {self.subject!r} does not occur in the prompt"
                 )
         if tokenizer is not None and max_length is not None:
-            for name, texts in (("prompt", [self.text]), ("paraphrase_prompts", self.paraphrase_prompts)):
-                for text in texts:
-                    n = len(tokenizer(text + " " + self.target_new)["input_ids"])
-                    if n > max_length:
-                        raise EditRequestError(
-                            f"{self._where(name)} is {n} tokens with its target, "
-                            f"longer than the model context ({max_length})"
-                        )
+            checks = [("prompt", self.text, self.target_new)]
+            checks += [("paraphrase_prompts", p, self.target_new) for p in self.paraphrase_prompts]
+            checks += [("neighborhood_prompts", p, a) for p, a in self.neighborhood()]
+            for name, text, target in checks:
+                check_length(tokenizer, text + " " + target, max_length, self._where(name), "with its target")
+
+
+def check_length(
+    tokenizer, text: str, max_length: int | None, where: str, what: str = "", reserve: int = 0
+) -> int:
+    """The number of tokens of ``text``; EditRequestError if they and ``reserve`` more (tokens to generate)
+    exceed ``max_length``. The one length check: of edit requests, of prompts to answer, of the service's
+    /v1/generate. A 9,000-word prompt costs a tokenizer call here, not minutes of generation."""
+    n = len(tokenizer(text)["input_ids"])
+    if max_length is not None and n + reserve > max_length:
+        extra = f" {what}" if what else ""
+        raise EditRequestError(f"{where} is {n} tokens{extra}, longer than the model context ({max_length})")
+    return n
+
+
+def model_context(model) -> int | None:
+    """The most positions the model reads (None where its config names no limit, e.g. T5)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_for_model(
+    requests: Sequence[EditRequest],
+    model,
+    tokenizer,
+    needs_subject: bool = False,
+    prompts: Sequence[tuple[str, str]] = (),
+    new_tokens: int = 0,
+) -> None:
+    """Before any model work: every request valid and within the model's context in its form (chat
+    rendered), and so the other prompts a command reads: ``prompts`` (name, text), each with ``new_tokens``
+    to generate."""
+    from .forms import rendered
+
+    max_length = model_context(model)
+    for r in requests:
+        r.validate(needs_subject=needs_subject)  # the fields first: rendering reads them
+        shown = rendered(r, tokenizer)
+        shown.validate(needs_subject=needs_subject, tokenizer=tokenizer, max_length=max_length)
+    for name, text in prompts:
+        check_length(tokenizer, text, max_length, name, f"and {new_tokens} to generate", new_tokens)
 
 
 # -- readers -------------------------------------------------------------------------------------------------

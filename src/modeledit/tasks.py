@@ -28,7 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .lm import aligned_logits, is_seq2seq, kl_on_positions, row_nll, target_batch, text_batch
-from .requests import EditRequest, EditRequestError
+from .requests import EditRequest, EditRequestError, model_context
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
 
@@ -326,8 +326,7 @@ class LanguageModelTask(Task):
         self.tokenizer, self.seq2seq = tokenizer, seq2seq
 
     def validate(self, edits: list, editor) -> None:
-        config = editor.model.config
-        max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        max_len = model_context(editor.model)
         for r in edits:
             if not isinstance(r, EditRequest):
                 raise EditRequestError(

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import re
 import threading
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from ..ledger import Audit, EditStateError, Entry, IdempotencyKeyError, Ledger, 
 from ..lm import is_seq2seq, target_batch, token_logprobs
 from ..models import fingerprint
 from ..patch import PatchError, applied_patches, revert_all
-from ..requests import EditRequest, EditRequestError
+from ..requests import EditRequest, EditRequestError, check_for_model, check_length
 
 STATIC = Path(__file__).parent / "static"
 TOKEN_ENV = "MODELEDIT_API_TOKEN"
@@ -199,10 +200,17 @@ class Service:
         with self.tok_lock:
             enc = self.tokenizer(prompt.rstrip(" "), return_tensors="pt")
         n = enc["input_ids"].shape[1]
-        if self.context and not self.seq2seq and n + max_new_tokens > self.context:
-            raise HTTPException(
-                422, f"the prompt is {n} tokens; with max_new_tokens it exceeds the context ({self.context})"
-            )
+        if n == 0:
+            raise HTTPException(422, "prompt: no tokens to continue (it is only spaces)")
+        if not self.seq2seq:
+            try:
+                with self.tok_lock:  # the one length check of the CLI, the ledger and the editors
+                    check_length(
+                        self.tokenizer, prompt, self.context, "prompt", f"and {max_new_tokens} to generate",
+                        reserve=max_new_tokens,
+                    )  # fmt: skip
+            except EditRequestError as e:
+                raise HTTPException(422, str(e)) from None
         with self.rw.read(), torch.no_grad():
             out = self.live.generate(
                 **enc,
@@ -232,6 +240,11 @@ class Service:
             }
             for c, s, k in zip(continuations, sums, counts)
         ]
+
+    def check(self, request: EditRequest) -> None:
+        """The request's fields and lengths, before an edit is queued behind the edit lock."""
+        with self.tok_lock:
+            check_for_model([request], self.live, self.tokenizer)
 
     def edit(
         self,
@@ -393,6 +406,32 @@ ERRORS = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 413, 415, 4
 # -- middleware and errors -----------------------------------------------------------------------------------
 
 
+class CatchAll:
+    """An unexpected error becomes a JSON 500 here, and is logged, instead of reaching the server: uvicorn
+    closes the connection of a request that raised, and the client's next keep-alive request is reset."""
+
+    def __init__(self, app, respond: Callable[[Request, Exception], JSONResponse]):
+        self.app, self.respond = app, respond
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started:  # half a response is out: only closing the connection is left
+                raise
+            logging.getLogger("uvicorn.error").exception("error in %s %s", scope["method"], scope["path"])
+            await self.respond(Request(scope), exc)(scope, receive, send)
+
+
 class BodyLimit:
     """Reject request bodies over ``max_bytes`` with 413 (by Content-Length, or while reading them)."""
 
@@ -478,9 +517,6 @@ def create_app(
         "Write endpoints need `Authorization: Bearer <MODELEDIT_API_TOKEN>`.",
     )
     app.state.service, app.state.token, app.state.limits = service, token, limits
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    if allowed_hosts:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     bearer = HTTPBearer(auto_error=False, description=f"the token in ${TOKEN_ENV}")
 
     def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -535,9 +571,18 @@ def create_app(
     async def validation_error(request: Request, exc: RequestValidationError):
         return _error(422, public(request, 422, _validation_message(exc)))
 
+    def internal(request: Request, exc: Exception) -> JSONResponse:
+        return _error(500, public(request, 500, f"internal error: {type(exc).__name__}: {exc}"))
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
-        return _error(500, public(request, 500, f"internal error: {type(exc).__name__}: {exc}"))
+        return internal(request, exc)
+
+    # innermost first: CatchAll sees the routes' errors, BodyLimit and the Host check every request
+    app.add_middleware(CatchAll, respond=internal)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
     # -- pages and health ---------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -578,6 +623,8 @@ def create_app(
     @app.post("/v1/generate", response_model=GenerateOut, responses=ERRORS)
     def generate(body: GenerateIn):
         """Greedy continuation of the prompt by the model with every applied edit."""
+        if not body.prompt.strip():
+            raise HTTPException(422, "prompt: must be more than spaces")
         if body.max_new_tokens > limits.max_new_tokens:
             raise HTTPException(422, f"max_new_tokens: at most {limits.max_new_tokens}")
         prompt = body.prompt
@@ -594,6 +641,8 @@ def create_app(
     @app.post("/v1/score", response_model=ScoreOut, responses=ERRORS)
     def score(body: ScoreIn):
         """Log-probabilities of each continuation after the prompt (teacher-forced, as the metrics)."""
+        if not body.prompt.strip():
+            raise HTTPException(422, "prompt: must be more than spaces")
         if any(not c.strip() or len(c) > MAX_PROMPT_CHARS for c in body.continuations):
             raise HTTPException(422, f"continuations: non-empty, at most {MAX_PROMPT_CHARS} characters each")
         return ScoreOut(prompt=body.prompt, scores=service.score(body.prompt, body.continuations))
@@ -636,6 +685,10 @@ def create_app(
             chat=body.chat,
             system=body.system or None,
         )
+        try:  # fields, braces and lengths, before the edit waits for the edit lock
+            service.check(request)
+        except EditRequestError as e:
+            raise HTTPException(422, str(e)) from None
         digest = request_digest(body)
         keyed = (idempotency_key, digest) if idempotency_key is not None else None
 
