@@ -285,7 +285,6 @@ TRAIN_NO_MODEL = ["train", "mend", "--model", NO_MODEL, "--data", "DATA", "--out
         ([*EVAL_NO_MODEL, "--set", "bogus=1"], "ft: unknown hyperparameter(s) ['bogus']"),
         ([*EVAL_NO_MODEL, "--batch-size", "0"], "--batch-size must be >= 1"),
         ([*TRAIN_NO_MODEL, "--set", "steps=0"], "train: steps must be an integer >= 1, got 0"),
-        ([*TRAIN_NO_MODEL, "--set", "lr=-1"], "mend: lr must be a finite number > 0, got -1"),
         ([*TRAIN_NO_MODEL, "--limit", "0"], "--limit, --val-size and --edits-per-batch must be >= 1"),
         ([*TRAIN_NO_MODEL, "--init", "TMP"], "no trained mend editor (mend.json missing)"),
         (["serve", "--model", NO_MODEL, "--db", "TMP", "--port", "70000"], "--port 70000: use 0 to 65535"),

@@ -454,7 +454,7 @@ def train(
 
         import torch
 
-        from .editor import EDITORS, available_methods, check_settings
+        from .editor import EDITORS, available_methods
         from .hparams import check_hparams
         from .lm import is_seq2seq
         from .locality import default_locality_texts
@@ -479,8 +479,8 @@ def train(
         if steps is not None:
             train_config.steps = steps
         # every argument error before the model loads
+        # (the editor's own settings are not range-checked here: training takes e.g. lr_alpha=0, fixed steps)
         check_hparams("train", train_config)
-        check_settings(method, **{k: v for k, v in overrides.items() if k in method_keys})
         if (limit is not None and limit < 1) or val_size < 1 or edits_per_batch < 1 or texts_per_batch < 0:
             raise ValueError("--limit, --val-size and --edits-per-batch must be >= 1, --texts-per-batch >= 0")
         if threads is not None and threads < 1:
