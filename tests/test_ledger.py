@@ -478,6 +478,8 @@ def test_cli_ledger_commands(model_dir, tmp_path):
 
     result = runner.invoke(app, ["ledger", "revert", ids[0], "--db", str(db)])
     assert result.exit_code == 0 and "reverted" in result.output, result.output
+    last = Ledger(db, read_only=True).events(ids[0])[-1]  # the audit trail: who, from where
+    assert last["action"] == "reverted" and last["actor"].startswith("cli:") and last["client"] == "local"
 
     result = runner.invoke(app, ["ledger", "replay", "--db", str(db), "--model", str(model_dir)])
     assert result.exit_code == 0, result.output
