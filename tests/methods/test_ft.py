@@ -120,3 +120,21 @@ def test_each_ft_editor_moves_a_fact_on_the_default_model(method, default_model)
     finally:
         patch.revert(model)
     assert after[0] < after[1], f"{method}: English should now beat French ({after.tolist()})"
+
+
+@pytest.mark.parametrize("method", ["ft", "ft-l"])
+def test_half_precision_models_are_optimised_in_float32(tokenizer, method):
+    """Adam in float16 underflows (eps 1e-8): the deltas and their optimiser run in float32, the patch is
+    finite and applies to the float16 model (issue 36)."""
+
+    model = tiny_model("llama").to(torch.float16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    patch = create_editor(method, model, tokenizer, steps=3).edit(
+        EditRequest(prompt="ab is", target_new="cd")
+    )
+    assert all(d.dtype == torch.float32 and torch.isfinite(d).all() for d in patch.deltas.values())
+    assert any(d.abs().sum() > 0 for d in patch.deltas.values())
+    patch.apply(model)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    patch.revert(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -116,7 +116,9 @@ class FineTune(Editor):
         names = [f"{m}.weight" for m in modules]
         params = dict(self.model.named_parameters())
         base = {n: params[n].detach() for n in names}
-        deltas = {n: torch.zeros_like(w, requires_grad=True) for n, w in base.items()}
+        # The deltas and Adam's state in float32 whatever the model's dtype: Adam's eps (1e-8) underflows in
+        # float16, and every step would be NaN. A float32 model's deltas are the same as before bit for bit.
+        deltas = {n: torch.zeros_like(w, dtype=torch.float32, requires_grad=True) for n, w in base.items()}
         opt = torch.optim.Adam(deltas.values(), lr=c.lr)
         batches = [task.edit_batch(requests)]
         if c.kl_weight > 0:
@@ -136,7 +138,7 @@ class FineTune(Editor):
                 return task.outputs(self.model, batches[i], edited)
 
         for step in range(c.steps):
-            edited = {n: base[n] + deltas[n] for n in names}
+            edited = {n: base[n] + deltas[n].to(base[n].dtype) for n in names}
             losses = task.loss(outputs(0, edited), batches[0])
             if losses.max().item() < c.stop_nll:
                 break
