@@ -28,7 +28,7 @@ from .verify import check_patch
 MAX_TRIES = 3  # verify=True: an edit and at most two stronger ones
 # What "default" means wherever a method is asked (CLI, service, page, create_editor): the single-edit
 # method with the best generation-based figures on dev (README: "Which method to use").
-DEFAULT_METHOD = "grace"
+DEFAULT_METHOD = "serac"
 
 
 def resolve_method(method: str) -> str:
