@@ -140,6 +140,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _load_recorded(path: Path, e: Entry, where: str, what: str, recorder: str) -> Patch:
+    """The patch in ``path`` if its SHA-256, id and fingerprint are those recorded for ``e`` (by the ledger or
+    an export's manifest: ``recorder``); else a LedgerError that starts with ``where`` and names ``what``."""
+    digest = _sha256(path)
+    if digest != e.patch_sha256:
+        raise LedgerError(
+            f"{where}{what} is corrupt (SHA-256 {digest[:12]}..., {recorder} {e.patch_sha256[:12]}...)"
+        )
+    try:
+        patch = Patch.load(path)
+    except PatchError as err:
+        raise LedgerError(f"{where}edit {e.id}: {err}") from None
+    if patch.id != e.id or patch.fingerprint != e.fingerprint:
+        raise LedgerError(
+            f"{where}{what} belongs to another edit or model (patch {patch.id} for model {patch.fingerprint})"
+        )
+    return patch
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -568,18 +587,7 @@ class Ledger:
         path = self._file(entry.patch_file)
         if not path.exists():
             raise LedgerError(f"edit {entry.id}: its patch file {path} is missing")
-        digest = _sha256(path)
-        if digest != entry.patch_sha256:
-            raise LedgerError(
-                f"edit {entry.id}: patch file {path} is corrupt (SHA-256 {digest[:12]}..., "
-                f"the ledger recorded {entry.patch_sha256[:12]}...)"
-            )
-        try:
-            patch = Patch.load(path)
-        except PatchError as e:
-            raise LedgerError(f"edit {entry.id}: {e}") from None
-        if patch.id != entry.id or patch.fingerprint != entry.fingerprint:
-            raise LedgerError(f"edit {entry.id}: patch file {path} belongs to another edit or model")
+        patch = _load_recorded(path, entry, "", f"edit {entry.id}: patch file {path}", "the ledger recorded")
         self._patches[entry.id] = patch
         return patch
 
@@ -1043,19 +1051,5 @@ class Ledger:
             raise LedgerError(f"{manifest_path}: patch file of edit {e.id} lies outside {source_dir}")
         if not source.is_file():
             raise LedgerError(f"{manifest_path}: patch file of edit {e.id} is missing ({source})")
-        digest = _sha256(source)
-        if digest != e.patch_sha256:
-            raise LedgerError(
-                f"{manifest_path}: patch file of edit {e.id} is corrupt (SHA-256 {digest[:12]}..., "
-                f"the manifest says {e.patch_sha256[:12]}...)"
-            )
-        try:
-            patch = Patch.load(source)
-        except PatchError as err:
-            raise LedgerError(f"{manifest_path}: edit {e.id}: {err}") from None
-        if patch.id != e.id or patch.fingerprint != e.fingerprint:
-            raise LedgerError(
-                f"{manifest_path}: patch file of edit {e.id} belongs to another edit or model "
-                f"(patch {patch.id} for model {patch.fingerprint})"
-            )
+        _load_recorded(source, e, f"{manifest_path}: ", f"patch file of edit {e.id}", "the manifest says")
         return source
