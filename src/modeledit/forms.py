@@ -19,6 +19,7 @@ answer; see ``answer_holds`` and ``neighbour_holds``, and the README's metric ta
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import TYPE_CHECKING
 
@@ -70,18 +71,19 @@ def render_chat(tokenizer, user: str, system: str | None = None) -> str:
         raise FormError(f"chat form: the tokenizer of {name!r} has no chat template; edit in plain form")
     if user.lower().startswith(NQ_MARKER):
         user = user[len(NQ_MARKER) :].strip().rstrip("?") + "?"
-    text = tokenizer.apply_chat_template(
-        _chat_messages(user, system), tokenize=False, add_generation_prompt=True
-    )
+    return _apply_template(tokenizer, _chat_messages(user, system), generation_prompt=True)
+
+
+def _apply_template(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    """The chat template applied to ``messages`` as text, without the beginning-of-sequence token when the
+    tokenizer adds that itself."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     bos = getattr(tokenizer, "bos_token", None)
-    if bos and text.startswith(bos) and _adds_bos(tokenizer):
-        text = text[len(bos) :]
+    if bos and text.startswith(bos):
+        ids = tokenizer("a")["input_ids"]
+        if ids and ids[0] == getattr(tokenizer, "bos_token_id", None):
+            text = text[len(bos) :]
     return text
-
-
-def _adds_bos(tokenizer) -> bool:
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == getattr(tokenizer, "bos_token_id", None)
 
 
 def render_prompt(tokenizer, text: str, chat: bool = False, system: str | None = None) -> str:
@@ -118,9 +120,9 @@ def rendered(request: EditRequest, tokenizer) -> EditRequest:
     )
 
 
-def in_chat_form(request: EditRequest, system: str | None = None) -> EditRequest:
+def in_chat_form(request: EditRequest) -> EditRequest:
     """The same edit asked as a chat (``eval --forms chat``)."""
-    return dataclasses.replace(request, chat=True, system=system if system is not None else request.system)
+    return dataclasses.replace(request, chat=True)
 
 
 def chat_parts(tokenizer) -> tuple[str, str] | None:
@@ -128,6 +130,12 @@ def chat_parts(tokenizer) -> tuple[str, str] | None:
     chat template; None without one."""
     if not has_chat_template(tokenizer):
         return None
+    return _chat_parts(tokenizer, tokenizer.chat_template)
+
+
+@functools.lru_cache(maxsize=8)
+def _chat_parts(tokenizer, template: str) -> tuple[str, str]:
+    # cached per tokenizer and template: SERAC's scope reads it at every generated token
     mark = "\x00USER\x00"
     with_system = render_chat(tokenizer, mark, system="\x00SYSTEM\x00")
     before, after = with_system.split(mark)
@@ -149,11 +157,7 @@ def chat_exchange(tokenizer, user: str, answer: str) -> str:
     """A finished chat exchange: ``user``'s turn and the assistant's ``answer`` (SERAC's context for a chat
     edit: the edit as a demonstration in the form it will be asked)."""
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    bos = getattr(tokenizer, "bos_token", None)
-    if bos and text.startswith(bos) and _adds_bos(tokenizer):
-        text = text[len(bos) :]
-    return text
+    return _apply_template(tokenizer, messages, generation_prompt=False)
 
 
 def is_chat_rendered(tokenizer, text: str) -> bool:
